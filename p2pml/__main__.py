@@ -1,0 +1,9 @@
+"""``python -m p2pml`` runs the command line."""
+
+from __future__ import annotations
+
+import sys
+
+from p2pml.cli import main
+
+sys.exit(main())

@@ -1,0 +1,154 @@
+"""Frozen configuration dataclasses with defaults and `validate()`, which raises `ConfigError`.
+
+Must not import asyncio, sockets, time, module-level random, logging configuration or torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Final
+
+from p2pml.core.barrier import BarrierParams, get_policy, make_params
+from p2pml.errors import ConfigError
+
+__all__ = ["STEP_TIME_DISTRIBUTIONS", "SimConfig", "StepTimeConfig"]
+
+STEP_TIME_DISTRIBUTIONS: Final[tuple[str, ...]] = ("exponential", "gamma", "lognormal", "constant")
+SIM_ENGINES: Final[tuple[str, ...]] = ("fast", "exact")
+
+
+def _require(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(name, value, allowed)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True, slots=True)
+class StepTimeConfig:
+    """The distribution of one node's compute time per step.
+
+    Attributes:
+        dist: exponential, gamma, lognormal or constant.
+        mean_s: the mean step time in seconds (> 0).
+        shape: gamma's shape k, or lognormal's sigma; unused by exponential and constant (> 0).
+    """
+
+    dist: str = "exponential"
+    mean_s: float = 0.5
+    shape: float = 2.0
+
+    def validate(self) -> StepTimeConfig:
+        """Return self, or raise `ConfigError` naming the first bad field."""
+        _require(
+            self.dist in STEP_TIME_DISTRIBUTIONS,
+            "step_time.dist",
+            self.dist,
+            "one of " + ", ".join(STEP_TIME_DISTRIBUTIONS),
+        )
+        _require(
+            _is_finite(self.mean_s) and self.mean_s > 0,
+            "step_time.mean_s",
+            self.mean_s,
+            "a finite number of seconds > 0",
+        )
+        _require(
+            _is_finite(self.shape) and self.shape > 0,
+            "step_time.shape",
+            self.shape,
+            "a finite number > 0",
+        )
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """One simulator run: the barrier, the population, the compute model and the seed.
+
+    Attributes:
+        barrier: a policy name (bsp, ssp, asp, pbsp, pssp).
+        sample: beta, peers sampled per check (pbsp, pssp).
+        staleness: s, in steps (ssp, pssp).
+        strict: a lag of exactly s also blocks.
+        nodes: P, the number of nodes (>= 1).
+        duration_s: simulated seconds (> 0).
+        step_time: the compute-time distribution.
+        straggler_fraction: the fraction of nodes that are `straggler_slowdown` times slower.
+        straggler_slowdown: the slowdown factor of stragglers (>= 1).
+        check_delay_s: the round trip of one barrier check; a passing node starts this much later.
+        hold_sample: re-check against the same sample until it passes, instead of a fresh one.
+        poll_s: re-check a blocked node every `poll_s` seconds; None re-checks whenever any
+            node's step changes (the model of the published PSP figures).
+        seed: the run seed; the same seed gives the same trace.
+        engine: "fast" (analytic pass probabilities) or "exact" (draws every sample).
+    """
+
+    barrier: str = "pssp"
+    sample: int = 10
+    staleness: int = 4
+    strict: bool = False
+    nodes: int = 200
+    duration_s: float = 200.0
+    step_time: StepTimeConfig = field(default_factory=StepTimeConfig)
+    straggler_fraction: float = 0.0
+    straggler_slowdown: float = 4.0
+    check_delay_s: float = 0.0
+    hold_sample: bool = False
+    poll_s: float | None = None
+    seed: int = 0
+    engine: str = "fast"
+
+    def validate(self) -> SimConfig:
+        """Return self, or raise `ConfigError` naming the first bad field, its value and range."""
+        get_policy(self.barrier)
+        _require(_is_int(self.nodes) and self.nodes >= 1, "nodes", self.nodes, "an integer >= 1")
+        _require(
+            _is_finite(self.duration_s) and self.duration_s > 0,
+            "duration_s",
+            self.duration_s,
+            "a finite number of seconds > 0",
+        )
+        self.step_time.validate()
+        _require(
+            _is_finite(self.straggler_fraction) and 0 <= self.straggler_fraction <= 1,
+            "straggler_fraction",
+            self.straggler_fraction,
+            "a fraction in [0, 1]",
+        )
+        _require(
+            _is_finite(self.straggler_slowdown) and self.straggler_slowdown >= 1,
+            "straggler_slowdown",
+            self.straggler_slowdown,
+            "a factor >= 1",
+        )
+        _require(
+            _is_finite(self.check_delay_s) and self.check_delay_s >= 0,
+            "check_delay_s",
+            self.check_delay_s,
+            "a finite number of seconds >= 0",
+        )
+        _require(
+            self.poll_s is None or (_is_finite(self.poll_s) and self.poll_s > 0),
+            "poll_s",
+            self.poll_s,
+            "None or a finite number of seconds > 0",
+        )
+        _require(_is_int(self.seed), "seed", self.seed, "an integer")
+        _require(
+            self.engine in SIM_ENGINES, "engine", self.engine, "one of " + ", ".join(SIM_ENGINES)
+        )
+        self.params()
+        return self
+
+    def params(self) -> BarrierParams:
+        """The validated barrier params of this run."""
+        return make_params(
+            self.barrier, sample=self.sample, staleness=self.staleness, strict=self.strict
+        )

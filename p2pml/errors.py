@@ -1,0 +1,76 @@
+"""The complete p2pml exception tree.
+
+Callers only ever see these; third-party exceptions are mapped where their library is imported::
+
+    P2PMLError
+    ├── ConfigError (also ValueError)      bad local input: flags, config files, environment
+    ├── ProtocolError                      bad peer input; the receiving machine stays usable
+    │   ├── WireFormatError                bytes that do not decode to a valid message
+    │   └── UnexpectedMessage              a valid message that is wrong in the current state
+    ├── TransportError
+    │   ├── PeerUnreachable                connection refused, reset or unroutable
+    │   └── PeerTimeout (also TimeoutError)
+    ├── OverlayError                       the DHT could not complete an operation
+    └── BarrierTimeout (also TimeoutError) a barrier wait ran out of time
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BarrierTimeout",
+    "ConfigError",
+    "OverlayError",
+    "P2PMLError",
+    "PeerTimeout",
+    "PeerUnreachable",
+    "ProtocolError",
+    "TransportError",
+    "UnexpectedMessage",
+    "WireFormatError",
+]
+
+
+class P2PMLError(Exception):
+    """Base class of every error p2pml raises on purpose."""
+
+
+class ConfigError(P2PMLError, ValueError):
+    """Bad local input. The message names the field, the value received and what is allowed."""
+
+    def __init__(self, field: str, value: object, allowed: str) -> None:
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{field}: got {value!r}; expected {allowed}")
+
+
+class ProtocolError(P2PMLError):
+    """Bad input from a peer."""
+
+
+class WireFormatError(ProtocolError):
+    """Bytes from a peer that do not decode to a valid message."""
+
+
+class UnexpectedMessage(ProtocolError):
+    """A well-formed message that the receiving machine cannot accept in its current state."""
+
+
+class TransportError(P2PMLError):
+    """A peer could not be reached or did not answer."""
+
+
+class PeerUnreachable(TransportError):
+    """The connection to a peer failed."""
+
+
+class PeerTimeout(TransportError, TimeoutError):
+    """A peer did not answer within the caller's deadline."""
+
+
+class OverlayError(P2PMLError):
+    """The DHT overlay could not complete an operation."""
+
+
+class BarrierTimeout(P2PMLError, TimeoutError):
+    """A barrier wait did not pass within its deadline."""
