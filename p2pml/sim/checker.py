@@ -207,7 +207,7 @@ class AnalyticChecker:
             self._outstanding[node] = len(behind)
             for p in behind:
                 self._waiting_on[p].append((node, threshold))
-        else:
+        elif self.any_change:
             self._groups[threshold].add(node)
             self._reschedule(threshold, self._event + 1)
         self._threshold[node] = threshold
@@ -263,8 +263,6 @@ class AnalyticChecker:
             passes = node not in self._outstanding
         else:
             passes = self.rngs[node].random() < self._p(threshold)
-            if passes:
-                self._groups[threshold].discard(node)
         if passes:
             del self._threshold[node]
         return passes

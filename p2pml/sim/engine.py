@@ -41,6 +41,8 @@ PROGRESS_EVERY = 16_384
 class VirtualClock:
     """Simulated monotonic time in seconds; it only moves forward, and only when told to."""
 
+    __slots__ = ("_now",)
+
     def __init__(self, start_s: float = 0.0) -> None:
         self._now = start_s
 
@@ -61,8 +63,8 @@ class EventQueue:
         self._heap: list[tuple[float, int, int, int]] = []
         self._seq = 0
 
-    def __len__(self) -> int:
-        return len(self._heap)
+    def __bool__(self) -> bool:
+        return bool(self._heap)
 
     def push(self, at: float, kind: int, node: int) -> None:
         self._seq += 1
@@ -211,7 +213,7 @@ class Simulation:
             self.clock.advance_to(at)
             if kind == COMPLETE:
                 self._complete(checker, node, at)
-            elif self.blocked_at[node] is not None:
+            else:
                 self._poll(checker, node, at)
         for node, since in enumerate(self.blocked_at):
             if since is not None:

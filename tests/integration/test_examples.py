@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_simulate_sweep_example_prints_one_row_per_run():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "simulate_sweep.py"),
+            "--nodes",
+            "20",
+            "--duration",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = proc.stdout.strip().splitlines()
+    assert rows[0].split() == ["run", "min", "median", "max", "spread"]
+    assert [r.split()[0] for r in rows[1:]] == ["bsp", "asp", "pssp", "pssp", "pssp", "pssp"]

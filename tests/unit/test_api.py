@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import ModuleType
+
+import p2pml
+
+
+def test_all_lists_exactly_the_public_names():
+    public = {
+        name
+        for name, value in vars(p2pml).items()
+        if not name.startswith("_") and not isinstance(value, ModuleType)
+    }
+    public.discard("annotations")  # the __future__ import
+    assert set(p2pml.__all__) == public | {"__version__"}
+
+
+def test_every_name_in_all_exists():
+    for name in p2pml.__all__:
+        assert hasattr(p2pml, name), name
+
+
+def test_importing_p2pml_loads_no_heavy_dependency():
+    code = (
+        "import sys, p2pml; "
+        "print(','.join(m for m in ('torch', 'aiohttp', 'kademlia', 'matplotlib', 'rich') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
