@@ -19,7 +19,7 @@ __all__ = ["plot_bounds", "plot_step_cdf"]
 
 def plot_step_cdf(curves: Sequence[tuple[str, Sequence[int]]], path: Path, *, title: str) -> None:
     """Write a PNG with one CDF over nodes of the steps reached per labelled run."""
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
     colors = plt.get_cmap("tab10" if len(curves) <= 10 else "viridis")
     for i, (label, steps) in enumerate(curves):
         xs = np.sort(np.asarray(steps))
@@ -33,7 +33,7 @@ def plot_step_cdf(curves: Sequence[tuple[str, Sequence[int]]], path: Path, *, ti
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
