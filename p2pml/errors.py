@@ -9,7 +9,8 @@ Callers only ever see these; third-party exceptions are mapped where their libra
     │   └── UnexpectedMessage              a valid message that is wrong in the current state
     ├── TransportError
     │   ├── PeerUnreachable                connection refused, reset or unroutable
-    │   └── PeerTimeout (also TimeoutError)
+    │   ├── PeerTimeout (also TimeoutError)
+    │   └── PeerRejected                   the peer answered with an error status
     ├── OverlayError                       the DHT could not complete an operation
     └── BarrierTimeout (also TimeoutError) a barrier wait ran out of time
 """
@@ -21,6 +22,7 @@ __all__ = [
     "ConfigError",
     "OverlayError",
     "P2PMLError",
+    "PeerRejected",
     "PeerTimeout",
     "PeerUnreachable",
     "ProtocolError",
@@ -66,6 +68,15 @@ class PeerUnreachable(TransportError):
 
 class PeerTimeout(TransportError, TimeoutError):
     """A peer did not answer within the caller's deadline."""
+
+
+class PeerRejected(TransportError):
+    """The peer answered, but refused the request (an HTTP 4xx or 5xx with a reason)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status = status
+        self.code = code
+        super().__init__(f"peer refused the request ({status} {code}): {message}")
 
 
 class OverlayError(P2PMLError):

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from p2pml.core.barrier import BarrierParams, get_policy, make_params
+from p2pml.core.types import Address
 from p2pml.errors import ConfigError
 
-__all__ = ["STEP_TIME_DISTRIBUTIONS", "SimConfig", "StepTimeConfig"]
+__all__ = ["STEP_TIME_DISTRIBUTIONS", "DataPlaneConfig", "SimConfig", "StepTimeConfig"]
 
 STEP_TIME_DISTRIBUTIONS: Final[tuple[str, ...]] = ("exponential", "gamma", "lognormal", "constant")
 SIM_ENGINES: Final[tuple[str, ...]] = ("fast", "exact")
@@ -152,3 +153,67 @@ class SimConfig:
         return make_params(
             self.barrier, sample=self.sample, staleness=self.staleness, strict=self.strict
         )
+
+
+@dataclass(frozen=True, slots=True)
+class DataPlaneConfig:
+    """The HTTP data plane: where it listens, what it accepts and how long it waits.
+
+    Attributes:
+        listen: the bind address; port 0 picks a free port (read it back from the server).
+        max_message_bytes: the largest delta or model body accepted (never unlimited).
+        max_control_bytes: the largest body of a small message (an ack, a model request).
+        idle_timeout_s: a connection that sends no complete request headers for this long is
+            closed (idle keep-alive connections and slow-loris clients alike).
+        body_timeout_s: the base time allowed to receive a body ...
+        min_body_rate_bytes_per_s: ... plus its size at this rate; a slower sender gets 408.
+        connect_timeout_s: the client's connection timeout.
+        read_timeout_s: the longest the client waits for any data from a peer.
+        max_connections_per_peer: the client's keep-alive pool size per peer.
+        chunk_bytes: bodies are written in chunks of this size.
+        read_buffer_bytes: aiohttp's read buffer (its 64 KiB default pauses reading too often).
+    """
+
+    listen: Address = field(default_factory=lambda: Address("127.0.0.1", 0))
+    max_message_bytes: int = 1 << 30
+    max_control_bytes: int = 64 * 1024
+    idle_timeout_s: float = 15.0
+    body_timeout_s: float = 10.0
+    min_body_rate_bytes_per_s: float = 5e6
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    max_connections_per_peer: int = 4
+    chunk_bytes: int = 4 << 20
+    read_buffer_bytes: int = 4 << 20
+
+    def validate(self) -> DataPlaneConfig:
+        """Return self, or raise `ConfigError` naming the first bad field, its value and range."""
+        for name in (
+            "max_message_bytes",
+            "max_control_bytes",
+            "max_connections_per_peer",
+            "chunk_bytes",
+            "read_buffer_bytes",
+        ):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= 1, name, value, "an integer >= 1")
+        for name in (
+            "idle_timeout_s",
+            "body_timeout_s",
+            "min_body_rate_bytes_per_s",
+            "connect_timeout_s",
+            "read_timeout_s",
+        ):
+            value = getattr(self, name)
+            _require(_is_finite(value) and value > 0, name, value, "a finite number > 0")
+        _require(
+            self.max_control_bytes <= self.max_message_bytes,
+            "max_control_bytes",
+            self.max_control_bytes,
+            f"at most max_message_bytes ({self.max_message_bytes})",
+        )
+        return self
+
+    def body_deadline_s(self, n_bytes: int) -> float:
+        """How long receiving a body of `n_bytes` may take."""
+        return self.body_timeout_s + n_bytes / self.min_body_rate_bytes_per_s

@@ -15,6 +15,7 @@ from p2pml import errors
         (errors.TransportError, (errors.P2PMLError,)),
         (errors.PeerUnreachable, (errors.TransportError,)),
         (errors.PeerTimeout, (errors.TransportError, TimeoutError)),
+        (errors.PeerRejected, (errors.TransportError,)),
         (errors.OverlayError, (errors.P2PMLError,)),
         (errors.BarrierTimeout, (errors.P2PMLError, TimeoutError)),
     ],

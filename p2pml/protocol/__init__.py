@@ -1,0 +1,1 @@
+"""Wire messages, their codec and (later) the sans-IO protocol machines."""
