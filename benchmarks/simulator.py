@@ -6,7 +6,8 @@ Rows:
                  (target: <= 120 s).
 Each row's baseline is the policy-driven engine (it draws every sample and builds every view, as a
 naive event loop does) on the same scenario but a shorter duration (5 % of it; 1 % at P = 10,000),
-scaled up linearly to the full duration; `speedup` is baseline / fast. Wall times are the median of --repeat runs.
+scaled up linearly to the full duration; `speedup` is baseline / fast. Wall times are the median
+of --repeat runs.
 
     python benchmarks/simulator.py [--repeat 3] [--quick] [--json PATH]
 """

@@ -174,17 +174,16 @@ async def test_frame_shorter_than_its_header_says_gets_400(served):
 
 
 async def test_body_shorter_than_content_length_is_refused_and_the_server_keeps_serving(served):
-    handler, server, client = served
+    _, server, client = served
     head = b"POST /v1/delta HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
     reader, writer = await asyncio.open_connection(server.addr.host, server.addr.port)
     writer.write(head + b"\x00" * 1000)
-    await writer.drain()
-    writer.close()
-    await writer.wait_closed()
+    writer.write_eof()  # the client stops sending: the body ends early
     async with asyncio.timeout(5):
-        while not server.rejections:
-            await asyncio.sleep(0.01)
-    assert set(server.rejections) <= {"truncated", "body_timeout"}
+        status = await reader.readline()
+    writer.close()
+    assert status.startswith(b"HTTP/1.1 400")
+    assert server.rejections["truncated"] == 1
     assert await client.push_delta(server.addr, delta()) == Ack("run", ME, 1)
 
 
@@ -199,7 +198,7 @@ async def test_missing_content_length_gets_411(served):
 
 
 async def test_slow_body_gets_408_within_the_body_deadline(served):
-    handler, server, client = served
+    _, server, client = served
     head = b"POST /v1/delta HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
     reply = await raw_exchange(server.addr, head + b"\x00" * 10, timeout_s=5.0)
     assert reply.startswith(b"HTTP/1.1 408")
