@@ -11,6 +11,7 @@ import sys
 import typer
 
 from p2pml import __version__
+from p2pml.cli.bench import bench_app
 from p2pml.cli.bounds import bounds
 from p2pml.cli.simulate import simulate
 from p2pml.errors import ConfigError
@@ -32,6 +33,7 @@ app = typer.Typer(
 )
 app.command()(simulate)
 app.command()(bounds)
+app.add_typer(bench_app, name="bench")
 
 
 def _version(value: bool) -> None:

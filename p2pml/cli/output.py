@@ -14,6 +14,8 @@ from p2pml.report.results import JsonValue
 __all__ = ["console", "write_json"]
 
 console = Console(highlight=False)
+if not console.is_terminal:
+    console.width = 120  # piped output: do not squeeze tables into 80 columns
 
 
 def write_json(path: Path, data: JsonValue) -> None:

@@ -172,6 +172,8 @@ class DataPlaneConfig:
         max_connections_per_peer: the client's keep-alive pool size per peer.
         chunk_bytes: bodies are written in chunks of this size.
         read_buffer_bytes: aiohttp's read buffer (its 64 KiB default pauses reading too often).
+        receive_pool_bytes: large receive buffers kept for reuse (0 turns reuse off); a buffer is
+            reused only once nothing refers to the message received into it.
     """
 
     listen: Address = field(default_factory=lambda: Address("127.0.0.1", 0))
@@ -185,6 +187,7 @@ class DataPlaneConfig:
     max_connections_per_peer: int = 4
     chunk_bytes: int = 4 << 20
     read_buffer_bytes: int = 4 << 20
+    receive_pool_bytes: int = 512 << 20
 
     def validate(self) -> DataPlaneConfig:
         """Return self, or raise `ConfigError` naming the first bad field, its value and range."""

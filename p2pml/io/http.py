@@ -40,6 +40,7 @@ from p2pml.errors import (
     UnexpectedMessage,
     WireFormatError,
 )
+from p2pml.io.buffers import ReceiveBufferPool
 from p2pml.protocol.messages import (
     Ack,
     DeltaPush,
@@ -80,9 +81,11 @@ class _Refusal(Exception):
         self.status, self.code, self.message, self.close = status, code, message, close
 
 
-async def _read_exactly(stream: aiohttp.StreamReader, n_bytes: int) -> npt.NDArray[np.uint8]:
-    """Read `n_bytes` from `stream` into one new buffer, chunk by chunk (EOFError if short)."""
-    buffer = np.empty(n_bytes, dtype=np.uint8)
+async def _read_exactly(
+    stream: aiohttp.StreamReader, buffer: npt.NDArray[np.uint8]
+) -> npt.NDArray[np.uint8]:
+    """Fill `buffer` from `stream`, chunk by chunk; EOFError if the stream is short or long."""
+    n_bytes = buffer.nbytes
     view = buffer.data
     filled = 0
     while filled < n_bytes:
@@ -137,6 +140,8 @@ class DataPlaneServer:
         self.handler = handler
         self.limits = limits or WireLimits(max_message_bytes=config.max_message_bytes)
         self.rejections: Counter[str] = Counter()
+        self._pool = ReceiveBufferPool(config.receive_pool_bytes)
+        self._rejected = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self._addr: Address | None = None
 
@@ -201,7 +206,7 @@ class DataPlaneServer:
             )
         try:
             async with asyncio.timeout(self.config.body_deadline_s(length)):
-                return await _read_exactly(request.content, length)
+                return await _read_exactly(request.content, self._pool.acquire(length))
         except TimeoutError:
             raise _Refusal(
                 408,
@@ -230,13 +235,20 @@ class DataPlaneServer:
         try:
             return await answer()
         except _Refusal as refusal:
-            return self._refuse(request, refusal)
+            return await self._refuse(request, refusal)
         except ProtocolError as exc:
             kind = "bad_frame" if isinstance(exc, WireFormatError) else "refused"
-            return self._refuse(request, _Refusal(400, kind, str(exc)))
+            return await self._refuse(request, _Refusal(400, kind, str(exc)))
 
-    def _refuse(self, request: web.Request, refusal: _Refusal) -> web.StreamResponse:
+    async def wait_for_rejections(self, code: str, count: int = 1) -> None:
+        """Wait until at least `count` requests were refused with `code` (use under a timeout)."""
+        async with self._rejected:
+            await self._rejected.wait_for(lambda: self.rejections[code] >= count)
+
+    async def _refuse(self, request: web.Request, refusal: _Refusal) -> web.StreamResponse:
         self.rejections[refusal.code] += 1
+        async with self._rejected:
+            self._rejected.notify_all()
         log.warning(
             "refused %s %s from %s: %s %s",
             request.method,
@@ -298,6 +310,7 @@ class DataPlaneClient:
         self.config = config.validate()
         self.limits = limits or WireLimits(max_message_bytes=config.max_message_bytes)
         self._session: aiohttp.ClientSession | None = None
+        self._pool = ReceiveBufferPool(config.receive_pool_bytes)
 
     async def __aenter__(self) -> Self:
         cfg = self.config
@@ -376,7 +389,7 @@ class DataPlaneClient:
                         f"{addr}{path}: reply of {length} bytes; expected a "
                         f"Content-Length of at most {cap}"
                     )
-                body = await _read_exactly(response.content, length)
+                body = await _read_exactly(response.content, self._pool.acquire(length))
         except TimeoutError as exc:
             raise PeerTimeout(f"{addr}{path}: no answer within the read timeout") from exc
         except (aiohttp.ClientError, EOFError, ConnectionError) as exc:
