@@ -191,7 +191,6 @@ class Simulation:
         n = population.n_nodes
         self.blocked_at: list[float | None] = [None] * n
         self.wait_s = [0.0] * n
-        self.n_checks = 0
         self.n_blocks = 0
 
     def run(self, checker: Checker, progress: Callable[[float], None] | None = None) -> None:
@@ -240,7 +239,6 @@ class Simulation:
             self.trace.steps.append(StepRecord(at, node, step))
         for other in checker.on_change(node, step, at):
             self._release(other, at)
-        self.n_checks += 1
         if checker.first_check(node, at):
             self._start(node, at + self.check_delay_s)
             return
@@ -250,7 +248,6 @@ class Simulation:
             self.queue.push(at + self.poll_s, RECHECK, node)
 
     def _poll(self, checker: Checker, node: int, at: float) -> None:
-        self.n_checks += 1
         if checker.poll(node, at):
             self._release(node, at)
         else:

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from p2pml.core.config import SimConfig, StepTimeConfig
-from p2pml.sim.engine import COMPLETE, RECHECK, EventQueue, Population, VirtualClock
+from p2pml.sim.engine import COMPLETE, EventQueue, Population, VirtualClock
 from p2pml.sim.scenario import expand_sweep, run_scenario
 
 SMALL = SimConfig(nodes=30, duration_s=40.0, sample=4, staleness=2, seed=3)
@@ -156,10 +156,6 @@ def test_polling_is_slower_than_re_checking_on_every_change(engine):
         dataclasses.replace(SMALL, barrier="pbsp", engine=engine, poll_s=0.5)
     ).median
     assert polled < any_change
-
-
-def test_recheck_events_are_distinct_from_completions():
-    assert COMPLETE != RECHECK
 
 
 def test_progress_reports_reach_the_end_of_the_run():
