@@ -37,9 +37,10 @@ FLAGS = {
 }
 
 
-def _configs(base: SimConfig, barriers: list[str], sample: str, staleness: str) -> list[SimConfig]:
+def _configs(
+    base: SimConfig, barriers: list[str], sample: str, stalenesses: list[int]
+) -> list[SimConfig]:
     samples = [size.resolve(base.nodes) for size in parse_samples(sample)]
-    stalenesses = parse_int_list(staleness, "--staleness")
     try:
         base.validate()
         configs = expand_sweep(base, barriers, samples, stalenesses)
@@ -106,7 +107,8 @@ def simulate(
         poll_s=poll,
         engine=engine,
     )
-    configs = _configs(base, barriers, sample, staleness)
+    stalenesses = parse_int_list(staleness, "--staleness")
+    configs = _configs(base, barriers, sample, stalenesses)
     check_writable(json_path, "--json")
     check_writable(plot, "--plot")
     runs: list[dict[str, JsonValue]] = []
@@ -132,7 +134,7 @@ def simulate(
             base,
             barriers=barriers,
             samples=sample.split(","),
-            stalenesses=parse_int_list(staleness, "--staleness"),
+            stalenesses=stalenesses,
         )
         write_json(json_path, {"params": params, "runs": [*runs]})
         console.print(f"JSON: {json_path}")

@@ -73,6 +73,10 @@ class DataPlaneHandler(Protocol):
     def info(self) -> dict[str, InfoValue]: ...
 
 
+def _wire_limits(config: DataPlaneConfig) -> WireLimits:
+    return WireLimits(max_message_bytes=config.max_message_bytes)
+
+
 class _Refusal(Exception):
     """A request the server refuses with `status` and a JSON reason."""
 
@@ -138,7 +142,7 @@ class DataPlaneServer:
     ) -> None:
         self.config = config.validate()
         self.handler = handler
-        self.limits = limits or WireLimits(max_message_bytes=config.max_message_bytes)
+        self.limits = limits or _wire_limits(config)
         self.rejections: Counter[str] = Counter()
         self._pool = ReceiveBufferPool(config.receive_pool_bytes)
         self._rejected = asyncio.Condition()
@@ -308,7 +312,7 @@ class DataPlaneClient:
 
     def __init__(self, config: DataPlaneConfig, *, limits: WireLimits | None = None) -> None:
         self.config = config.validate()
-        self.limits = limits or WireLimits(max_message_bytes=config.max_message_bytes)
+        self.limits = limits or _wire_limits(config)
         self._session: aiohttp.ClientSession | None = None
         self._pool = ReceiveBufferPool(config.receive_pool_bytes)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
-import os
 import socket
 import struct
 import time
@@ -166,14 +165,13 @@ async def measure_pushes(size_bytes: int, n_pairs: int) -> tuple[list[PushPair],
         assert isinstance(ports, tuple)
         push_port, base_port = ports
         array = np.ones(size_bytes // 4, dtype=np.float32)
-        payload = array.data.cast("B")
         addr = Address("127.0.0.1", push_port)
         config = DataPlaneConfig(max_message_bytes=size_bytes + (1 << 20))
         with socket.create_connection(("127.0.0.1", base_port)) as sock:
             sock.setblocking(False)
             async with DataPlaneClient(config) as client:
                 peak = await _peak_growth(parent, client, addr, array)
-                pairs = await _pairs(client, addr, sock, array, payload, n_pairs)
+                pairs = await _pairs(client, addr, sock, array, n_pairs)
         return pairs, peak
     finally:
         with contextlib.suppress(OSError, BrokenPipeError):
@@ -183,25 +181,22 @@ async def measure_pushes(size_bytes: int, n_pairs: int) -> tuple[list[PushPair],
             receiver.kill()
 
 
-async def _pairs(
-    client: DataPlaneClient,
-    addr: Address,
-    sock: socket.socket,
-    array: np.ndarray,
-    payload: memoryview,
-    n_pairs: int,
-) -> list[PushPair]:
-    def delta(step: int) -> DeltaPush:
-        return DeltaPush("bench", _SENDER, step, 0, (TensorBlob.of("delta", array),))
+def _delta(array: np.ndarray, step: int) -> DeltaPush:
+    return DeltaPush("bench", _SENDER, step, 0, (TensorBlob.of("delta", array),))
 
+
+async def _pairs(
+    client: DataPlaneClient, addr: Address, sock: socket.socket, array: np.ndarray, n_pairs: int
+) -> list[PushPair]:
+    payload = array.data.cast("B")  # the same bytes the push carries, without the p2pml header
     await _baseline_push(sock, payload)  # warm up (the p2pml side was warmed by _peak_growth)
     pairs = []
     for i in range(n_pairs):
         if i % 2:
             base_s = await _baseline_push(sock, payload)
-            push_s = await _push(client, addr, delta(i + 1))
+            push_s = await _push(client, addr, _delta(array, i + 1))
         else:
-            push_s = await _push(client, addr, delta(i + 1))
+            push_s = await _push(client, addr, _delta(array, i + 1))
             base_s = await _baseline_push(sock, payload)
         pairs.append(PushPair(push_s, base_s))
     return pairs
@@ -211,12 +206,7 @@ async def _peak_growth(
     parent: Connection, client: DataPlaneClient, addr: Address, array: np.ndarray
 ) -> int:
     await asyncio.to_thread(_ask, parent, "reset", 10.0)
-    await _push(client, addr, DeltaPush("bench", _SENDER, 1, 0, (TensorBlob.of("d", array),)))
+    await _push(client, addr, _delta(array, 1))
     peak = await asyncio.to_thread(_ask, parent, "peak", 10.0)
     assert isinstance(peak, int)
     return max(peak, 0)
-
-
-def cpu_count() -> int:
-    """Cores this process may use."""
-    return len(os.sched_getaffinity(0))

@@ -77,9 +77,9 @@ class TensorBlob:
             ConfigError: if the dtype is not on the wire allowlist.
         """
         arr = np.asarray(array)
-        if arr.dtype.newbyteorder("<") not in _NAMES_BY_DTYPE:
-            raise ConfigError(f"tensor {name!r} dtype", str(arr.dtype), ", ".join(DTYPES))
         wire = arr.dtype.newbyteorder("<")
+        if wire not in _NAMES_BY_DTYPE:
+            raise ConfigError(f"tensor {name!r} dtype", str(arr.dtype), ", ".join(DTYPES))
         if arr.dtype != wire or not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr, dtype=wire)
         return cls(name, arr)

@@ -232,7 +232,8 @@ def read_prefix(prefix: bytes | memoryview, limits: WireLimits) -> int:
     return int(header_len)
 
 
-def _unpack_header(view: memoryview, limits: WireLimits) -> list[object]:
+def _unpack_header(view: memoryview, limits: WireLimits) -> tuple[list[object], int]:
+    """The decoded header array and the offset where it ends."""
     header_len = read_prefix(view[:PREFIX_BYTES], limits)
     if PREFIX_BYTES + header_len > len(view):
         raise _fail("header", f"{header_len} bytes", f"{len(view) - PREFIX_BYTES} bytes")
@@ -251,7 +252,7 @@ def _unpack_header(view: memoryview, limits: WireLimits) -> list[object]:
         raise WireFormatError(f"header: not valid msgpack ({exc})") from exc
     if not isinstance(header, list) or len(header) != 4:
         raise _fail("header", "an array of 4 items", header)
-    return header
+    return header, PREFIX_BYTES + header_len
 
 
 def _tensor_entry(
@@ -293,7 +294,8 @@ def decode_message(
     view = buf.data.cast("B") if isinstance(buf, np.ndarray) else memoryview(buf).cast("B")
     if len(view) > limits.max_message_bytes:
         raise _fail("message", f"at most {limits.max_message_bytes} bytes", f"{len(view)} bytes")
-    version, tag_value, values, table = _unpack_header(view, limits)
+    header, end = _unpack_header(view, limits)
+    version, tag_value, values, table = header
     if version != PROTOCOL_VERSION or not _is_int(version):
         raise _fail("protocol version", str(PROTOCOL_VERSION), version)
     if not _is_int(tag_value) or tag_value not in MessageType._value2member_map_:
@@ -311,7 +313,6 @@ def decode_message(
         raise _fail("tensors", "a list (empty for this message type)", table)
     if len(table) > limits.max_tensors:
         raise _fail("tensors", f"at most {limits.max_tensors} tensors", len(table))
-    end = PREFIX_BYTES + int.from_bytes(view[4:8], "little")
     tensors = []
     for i, entry in enumerate(table):
         name, dtype, shape, numel = _tensor_entry(entry, i, limits)
