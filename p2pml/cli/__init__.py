@@ -13,6 +13,7 @@ import typer
 from p2pml import __version__
 from p2pml.cli.bench import bench_app
 from p2pml.cli.bounds import bounds
+from p2pml.cli.overlay import peers, seed
 from p2pml.cli.simulate import simulate
 from p2pml.errors import ConfigError
 
@@ -33,6 +34,8 @@ app = typer.Typer(
 )
 app.command()(simulate)
 app.command()(bounds)
+app.command()(seed)
+app.command()(peers)
 app.add_typer(bench_app, name="bench")
 
 

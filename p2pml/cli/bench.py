@@ -20,6 +20,7 @@ from rich.table import Table
 
 from p2pml.cli.args import bad_flag, check_writable, parse_int_list
 from p2pml.cli.output import console, write_json
+from p2pml.cli.overlaybench import overlay
 from p2pml.core.types import PeerId
 from p2pml.io.linkbench import measure_pushes
 from p2pml.protocol.messages import DeltaPush, TensorBlob
@@ -30,8 +31,10 @@ from p2pml.report.tables import make_progress
 __all__ = ["bench_app"]
 
 bench_app = typer.Typer(
-    help="Measure the codec and the data plane against baselines.", no_args_is_help=True
+    help="Measure the codec, the data plane and the overlay against baselines and targets.",
+    no_args_is_help=True,
 )
+bench_app.command()(overlay)
 
 MIN_TRANSPORT_PAIRS = 15
 O1_CALLS = 50  # encode_frames and decode take microseconds: time a burst, not one cold call

@@ -13,9 +13,17 @@ from p2pml.core.barrier import BarrierParams, get_policy, make_params
 from p2pml.core.types import Address
 from p2pml.errors import ConfigError
 
-__all__ = ["STEP_TIME_DISTRIBUTIONS", "DataPlaneConfig", "SimConfig", "StepTimeConfig"]
+__all__ = [
+    "DEFAULT_RPC_TIMEOUT_S",
+    "STEP_TIME_DISTRIBUTIONS",
+    "DataPlaneConfig",
+    "OverlayConfig",
+    "SimConfig",
+    "StepTimeConfig",
+]
 
 STEP_TIME_DISTRIBUTIONS: Final[tuple[str, ...]] = ("exponential", "gamma", "lognormal", "constant")
+DEFAULT_RPC_TIMEOUT_S: Final = 0.5
 SIM_ENGINES: Final[tuple[str, ...]] = ("fast", "exact")
 
 
@@ -220,3 +228,75 @@ class DataPlaneConfig:
     def body_deadline_s(self, n_bytes: int) -> float:
         """How long receiving a body of `n_bytes` may take."""
         return self.body_timeout_s + n_bytes / self.min_body_rate_bytes_per_s
+
+
+@dataclass(frozen=True, slots=True)
+class OverlayConfig:
+    """The DHT overlay: where it listens, how it looks up, estimates and samples.
+
+    Attributes:
+        listen: the UDP bind address (IPv4 or IPv6 literal); port 0 picks a free port.
+        advertise: the address others should use (behind NAT, in containers), if not `listen`.
+        k: Kademlia's bucket size and lookup width; also the rank of the estimator.
+        alpha: lookup queries in flight at once.
+        rpc_timeout_s: how long an RPC waits for its reply.
+        stall_s: after this long an unanswered lookup query stops holding its slot.
+        lookup_timeout_s: the budget of one whole lookup.
+        evict_after_misses: consecutive unanswered RPCs after which a contact leaves the table
+            (at once when a replacement is waiting).
+        refresh_interval_s: how often the estimate, the sample pool and idle buckets refresh.
+        estimate_lookups: L, the random lookups averaged into N^ per refresh.
+        pool_draws: uniform draws added to the sample pool per refresh.
+        pool_capacity: draws the pool keeps.
+        max_pending_verifications: identity checks of new contacts in flight at once.
+        max_stored_values: the DHT key/value store's entry cap.
+        max_values_per_host: how many stored values one IP address may own.
+        bootstrap_attempts: tries to reach the seeds before giving up.
+        bootstrap_backoff_s: the first wait between tries; it doubles each time.
+    """
+
+    listen: Address = field(default_factory=lambda: Address("127.0.0.1", 0))
+    advertise: Address | None = None
+    k: int = 20
+    alpha: int = 3
+    rpc_timeout_s: float = DEFAULT_RPC_TIMEOUT_S
+    stall_s: float = 0.15
+    lookup_timeout_s: float = 5.0
+    evict_after_misses: int = 2
+    refresh_interval_s: float = 60.0
+    estimate_lookups: int = 16
+    pool_draws: int = 16
+    pool_capacity: int = 64
+    max_pending_verifications: int = 64
+    max_stored_values: int = 1024
+    max_values_per_host: int = 32
+    bootstrap_attempts: int = 5
+    bootstrap_backoff_s: float = 0.5
+
+    def validate(self) -> OverlayConfig:
+        """Return self, or raise `ConfigError` naming the first bad field, its value and range."""
+        for name, low in (
+            ("k", 3),
+            ("alpha", 1),
+            ("evict_after_misses", 1),
+            ("estimate_lookups", 1),
+            ("pool_draws", 0),
+            ("pool_capacity", 1),
+            ("max_pending_verifications", 1),
+            ("max_stored_values", 0),
+            ("max_values_per_host", 0),
+            ("bootstrap_attempts", 1),
+        ):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= low, name, value, f"an integer >= {low}")
+        for name in (
+            "rpc_timeout_s",
+            "stall_s",
+            "lookup_timeout_s",
+            "refresh_interval_s",
+            "bootstrap_backoff_s",
+        ):
+            value = getattr(self, name)
+            _require(_is_finite(value) and value > 0, name, value, "a finite number > 0")
+        _require(self.k <= 64, "k", self.k, "at most 64 (replies must fit one datagram)")
+        return self

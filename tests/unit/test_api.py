@@ -30,3 +30,17 @@ def test_importing_p2pml_loads_no_heavy_dependency():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_only_the_overlay_kad_module_imports_kademlia():
+    import pathlib
+    import re
+
+    root = pathlib.Path(p2pml.__file__).parent
+    pattern = re.compile(r"^\s*(from|import)\s+(kademlia|rpcudp)\b", re.MULTILINE)
+    importers = sorted(
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if pattern.search(path.read_text())
+    )
+    assert importers == ["io/overlay/kad.py"]

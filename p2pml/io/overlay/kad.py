@@ -1,0 +1,285 @@
+"""The kademlia package underneath the overlay, subclassed and hardened.
+
+The only module of p2pml that imports kademlia. The package's classes stay underneath: `DhtProtocol`
+subclasses its `KademliaProtocol` (installed through `Server.protocol_class`), `HardenedTable` its
+`RoutingTable` and `KBucket`s, `BoundedStore` its `ForgetfulStorage`. What changes, and why:
+
+- Datagrams are decoded and schema-checked (`protocol/dht.py`) before any handler runs; bad ones
+  are dropped and counted, with one rate-limited warning per host, and never become unhandled task
+  exceptions. Handlers are synchronous, so no task is spawned per datagram.
+- Replies are awaited on plain futures with our RPC timeout (well under a second), so a lookup can
+  move on without them; a missed reply counts against the contact and evicts it after
+  `evict_after_misses` misses (at once when a replacement waits).
+- A contact enters the routing table only after it answered a signed ``ping`` from its own address
+  with the key that hashes to its ID; forged IDs never get in. Checks are callbacks on futures,
+  bounded in number, one per address at a time.
+- `find_neighbors` is exact (the package's traversal can return the wrong set), buckets are found
+  by range, and a full bucket pings its head through an owned future, not a stray task.
+- Storage is bounded in entries and per sending host; values are bytes of at most 1 KiB. Known
+  contacts persist as JSON, never pickle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import heapq
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+from kademlia.network import Server
+from kademlia.node import Node as KNode
+from kademlia.protocol import KademliaProtocol
+from kademlia.routing import KBucket, RoutingTable
+from kademlia.storage import ForgetfulStorage
+
+from p2pml.core.types import Address, PeerId
+from p2pml.errors import ProtocolError
+from p2pml.protocol import dht
+from p2pml.protocol.dht import Contact
+
+if TYPE_CHECKING:
+    from p2pml.io.overlay.endpoint import DhtEndpoint
+
+__all__ = [
+    "TIMEOUT",
+    "BoundedStore",
+    "DhtProtocol",
+    "DhtServer",
+    "HardenedTable",
+    "KNode",
+    "to_contact",
+    "to_knode",
+]
+
+log = logging.getLogger(__name__)
+
+TIMEOUT: Final = object()
+"""The result of a request future whose reply did not come in time."""
+
+
+def to_contact(node: KNode) -> Contact:
+    return Contact(PeerId(node.id), Address(node.ip, node.port))
+
+
+def to_knode(contact: Contact) -> KNode:
+    return KNode(contact.peer_id, contact.addr.host, contact.addr.port)
+
+
+class HardenedTable(RoutingTable):  # type: ignore[misc]
+    """The package's routing table with an exact neighbour search and bounded-miss eviction."""
+
+    def __init__(self, protocol: DhtProtocol, ksize: int, node: KNode, evict_after: int) -> None:
+        self._evict_after = evict_after
+        self._misses: dict[bytes, int] = {}
+        super().__init__(protocol, ksize, node)
+
+    def flush(self) -> None:
+        self.buckets = [KBucket(0, 2**160 - 1, self.ksize)]
+        self._starts = [0]
+
+    def split_bucket(self, index: int) -> None:
+        super().split_bucket(index)
+        self._starts = [b.range[0] for b in self.buckets]
+
+    def get_bucket_for(self, node: KNode) -> int:
+        return bisect.bisect_right(self._starts, node.long_id) - 1
+
+    def nodes(self) -> list[KNode]:
+        return [n for b in self.buckets for n in b.nodes.values()]
+
+    def find_neighbors(
+        self, node: KNode, k: int | None = None, exclude: KNode | None = None
+    ) -> list[KNode]:
+        target, home = node.long_id, (exclude.ip, exclude.port) if exclude else None
+        eligible = [n for n in self.nodes() if n.long_id != target and (n.ip, n.port) != home]
+        return heapq.nsmallest(k or self.ksize, eligible, key=lambda n: n.long_id ^ target)
+
+    def add_contact(self, node: KNode) -> None:
+        self._misses.pop(node.id, None)
+        index = self.get_bucket_for(node)
+        bucket = self.buckets[index]
+        if bucket.add_node(node):
+            return
+        if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
+            self.split_bucket(index)
+            self.add_contact(node)
+        else:  # full: the newcomer waits as a replacement while the head is checked
+            self.protocol.check_alive(to_contact(bucket.head()))
+
+    def note_miss(self, node: KNode) -> None:
+        misses = self._misses.get(node.id, 0) + 1
+        bucket = self.buckets[self.get_bucket_for(node)]
+        if misses >= self._evict_after or bucket.replacement_nodes:
+            self._misses.pop(node.id, None)
+            self.remove_contact(node)
+        elif node.id in bucket.nodes:
+            self._misses[node.id] = misses
+
+
+class BoundedStore(ForgetfulStorage):  # type: ignore[misc]
+    """The package's TTL store, bounded in entries and in entries per sending host."""
+
+    def __init__(self, max_values: int, max_per_host: int, ttl_s: float = 3600.0) -> None:
+        super().__init__(ttl=int(ttl_s))
+        self._max, self._max_per_host = max_values, max_per_host
+        self._owner: dict[bytes, str] = {}
+
+    def put(self, key: bytes, value: bytes, host: str) -> bool:
+        self.cull()
+        for gone in set(self._owner) - set(self.data):
+            del self._owner[gone]
+        if key not in self.data:
+            if len(self.data) >= self._max:
+                return False
+            if sum(1 for h in self._owner.values() if h == host) >= self._max_per_host:
+                return False
+        self[key] = value
+        self._owner[key] = host
+        return True
+
+
+class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
+    """Datagram handling, RPC handlers and requests; see the module docstring."""
+
+    def __init__(self, endpoint: DhtEndpoint) -> None:
+        self.ep = endpoint
+        super().__init__(endpoint.knode, endpoint.store, endpoint.config.k)
+        self._wait_timeout = endpoint.config.rpc_timeout_s
+        self.router = HardenedTable(
+            self, endpoint.config.k, endpoint.knode, endpoint.config.evict_after_misses
+        )
+        self._outstanding: dict[
+            bytes, tuple[asyncio.Future[object], asyncio.TimerHandle, Contact | None]
+        ] = {}
+
+    # -- receiving -----------------------------------------------------------------------------
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            dg = dht.decode_datagram(data)
+            if dg.kind is dht.Kind.REPLY:
+                self._accept_reply(dg.msg_id, dg.body, addr)
+            else:
+                self._answer(dg.msg_id, dg.body, addr)
+        except ProtocolError as err:
+            self.ep.reject("malformed", addr[0], err)
+        except Exception:  # a bug in a handler must not take the node down: log it, keep serving
+            self.ep.counters["internal_error"] += 1
+            log.exception("internal error handling a datagram from %s", addr[0])
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def error_received(self, exc: Exception) -> None:
+        self.ep.counters["socket_error"] += 1
+
+    def _accept_reply(self, msg_id: bytes, body: object, addr: tuple[str, int]) -> None:
+        entry = self._outstanding.get(msg_id)
+        if entry is None:
+            self.ep.counters["unsolicited_reply"] += 1
+            return
+        future, timer, contact = entry
+        if contact is not None and (addr[0], addr[1]) != (contact.addr.host, contact.addr.port):
+            self.ep.reject("reply_from_wrong_address", addr[0], "reply to another host's request")
+            return
+        del self._outstanding[msg_id]
+        timer.cancel()
+        if contact is not None:
+            self.ep.heard_from(contact)
+        if not future.done():
+            future.set_result(body)
+
+    def _answer(self, msg_id: bytes, body: object, addr: tuple[str, int]) -> None:
+        name, sender, args = dht.decode_request(body)
+        source = Address(addr[0], addr[1])
+        if sender != self.ep.peer_id:
+            self.ep.heard_from(Contact(sender, source))
+        handler: Callable[..., object] = getattr(self, f"_rpc_{name}")
+        reply = handler(msg_id, source, sender, *args)
+        self.transport.sendto(dht.encode_reply(msg_id, reply), addr)
+
+    def _rpc_ping(self, msg_id: bytes, source: Address, sender: PeerId) -> object:
+        return dht.seal_signed(self.ep.key, "ping", msg_id, b"")
+
+    def _rpc_info(self, msg_id: bytes, source: Address, sender: PeerId) -> object:
+        return dht.seal_signed(self.ep.key, "info", msg_id, dht.encode_record(self.ep.record()))
+
+    def _rpc_step(self, msg_id: bytes, source: Address, sender: PeerId) -> object:
+        return dht.seal_signed(self.ep.key, "step", msg_id, int(self.ep.step))
+
+    def _rpc_find_node(self, msg_id: bytes, source: Address, sender: PeerId, key: bytes) -> object:
+        near = self.router.find_neighbors(
+            KNode(key), exclude=KNode(sender, source.host, source.port)
+        )
+        return [[n.id, n.ip, n.port] for n in near]
+
+    def _rpc_find_value(self, msg_id: bytes, source: Address, sender: PeerId, key: bytes) -> object:
+        value = self.storage.get(key, None)
+        if value is None:
+            return self._rpc_find_node(msg_id, source, sender, key)
+        return {"value": value}
+
+    def _rpc_store(
+        self, msg_id: bytes, source: Address, sender: PeerId, key: bytes, value: bytes
+    ) -> object:
+        ok = self.ep.store.put(key, value, source.host)
+        if not ok:
+            self.ep.reject("store_over_cap", source.host, "store refused: storage cap reached")
+        return ok
+
+    # -- requesting ----------------------------------------------------------------------------
+    def request(
+        self, addr: Address, name: str, args: list[object], contact: Contact | None
+    ) -> tuple[bytes, asyncio.Future[object]]:
+        """Send a request; the future gets the reply body or `TIMEOUT` (never an exception)."""
+        msg_id = os.urandom(dht.MSG_ID_BYTES)
+        data = dht.encode_request(msg_id, name, [self.ep.peer_id, *args])
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[object] = loop.create_future()
+        timer = loop.call_later(self._wait_timeout, self._expire, msg_id)
+        self._outstanding[msg_id] = (future, timer, contact)
+        self.transport.sendto(data, (addr.host, addr.port))
+        return msg_id, future
+
+    def _expire(self, msg_id: bytes) -> None:
+        future, _, contact = self._outstanding.pop(msg_id)
+        self.ep.counters["rpc_timeouts"] += 1
+        if contact is not None:
+            self.router.note_miss(to_knode(contact))
+        if not future.done():
+            future.set_result(TIMEOUT)
+
+    def check_alive(self, contact: Contact) -> None:
+        self.ep.verify(contact, force=True)
+
+    def cancel_all(self) -> None:
+        for future, timer, _ in self._outstanding.values():
+            timer.cancel()
+            if not future.done():
+                future.set_result(TIMEOUT)
+        self._outstanding.clear()
+
+
+class DhtServer(Server):  # type: ignore[misc]
+    """The package's server object, holding our protocol class and an endpoint-made protocol."""
+
+    protocol_class = DhtProtocol
+
+    def __init__(self, endpoint: DhtEndpoint) -> None:
+        super().__init__(
+            ksize=endpoint.config.k,
+            alpha=endpoint.config.alpha,
+            node_id=endpoint.peer_id,
+            storage=endpoint.store,
+        )
+        self._endpoint = endpoint
+
+    def _create_protocol(self) -> DhtProtocol:
+        return self.protocol_class(self._endpoint)

@@ -1,0 +1,170 @@
+"""The DHT datagram codec: framing, schema checks, contacts and signed replies."""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2pml.core.types import Address, PeerId, Step
+from p2pml.errors import WireFormatError
+from p2pml.protocol import dht
+from p2pml.protocol.dht import Contact, NodeRecord
+from p2pml.protocol.identity import NodeKey
+
+MSG_ID = b"m" * dht.MSG_ID_BYTES
+SENDER = b"s" * 20
+
+
+def _request(name: object, args: object) -> bytes:
+    return b"\x00" + MSG_ID + msgpack.packb([name, args], use_bin_type=True)
+
+
+def test_decode_datagram_round_trips_a_request():
+    dg = dht.decode_datagram(dht.encode_request(MSG_ID, "find_node", [SENDER, b"k" * 20]))
+    assert dg.kind is dht.Kind.REQUEST and dg.msg_id == MSG_ID
+    assert dht.decode_request(dg.body) == ("find_node", PeerId(SENDER), (b"k" * 20,))
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        (b"", "shorter than a header"),
+        (b"\x00" + MSG_ID, "shorter than a header"),
+        (b"\x07" + MSG_ID + b"\x90", "kind"),
+        (b"\x00" + MSG_ID + b"\xc1", "not msgpack"),
+        (b"\x00" + MSG_ID + b"\x92\x01", "not msgpack"),  # truncated array
+        (b"\x00" + MSG_ID + b"\xc4" + b"x" * 9000, "over 8192"),
+    ],
+)
+def test_decode_datagram_rejects_bad_framing(data, field):
+    with pytest.raises(WireFormatError, match=field):
+        dht.decode_datagram(data)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ("ping", "expected \\[name, args\\]"),
+        (["evil", [SENDER]], "request name"),
+        ([7, [SENDER]], "request name"),
+        (["ping", [SENDER, 1]], "expected 1 arguments"),
+        (["ping", [b"short"]], "sender id"),
+        (["find_node", [SENDER, "key"]], "argument 1: expected bytes"),
+        (["find_node", [SENDER, b"k" * 19]], "find_node key"),
+        (["store", [SENDER, b"k" * 20, "text"]], "argument 2"),
+        (["store", [SENDER, b"k" * 20, b"v" * 1025]], "over 1024"),
+    ],
+)
+def test_decode_request_names_the_bad_field(body, field):
+    with pytest.raises(WireFormatError, match=field):
+        dht.decode_request(body)
+
+
+def test_encode_request_refuses_more_than_a_datagram():
+    with pytest.raises(WireFormatError, match="over 8192"):
+        dht.encode_request(MSG_ID, "store", [SENDER, b"k" * 20, b"v" * 9000])
+
+
+def test_decode_contacts_round_trips():
+    contacts = [
+        Contact(PeerId(bytes([i]) * 20), Address(f"127.0.0.{i + 2}", 4000 + i)) for i in range(5)
+    ]
+    assert dht.decode_contacts(dht.encode_contacts(contacts), limit=20) == contacts
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"a": 1}, "expected a list"),
+        ([[SENDER, "127.0.0.1", 1]] * 21, "over the limit"),
+        ([[SENDER, "127.0.0.1"]], "expected \\[id, ip, port\\]"),
+        ([[SENDER, "localhost", 4000]], "not an IP address"),
+        ([[SENDER, "127.0.0.1", 0]], "port"),
+        ([[SENDER, "127.0.0.1", 70000]], "port"),
+        ([[SENDER, "127.0.0.1", True]], "int port"),
+        ([[SENDER, "127.0.0.1", 1.0]], "int port"),
+        ([[b"x", "127.0.0.1", 1]], "id"),
+        ([[SENDER, ["127.0.0.1"], 1]], "str ip"),
+    ],
+)
+def test_decode_contacts_rejects_bad_entries(body, field):
+    with pytest.raises(WireFormatError, match=field):
+        dht.decode_contacts(body, limit=20)
+
+
+def test_signed_reply_opens_for_the_right_id_and_request():
+    key = NodeKey.generate()
+    body = dht.seal_signed(key, "step", MSG_ID, 42)
+    assert dht.open_signed(body, "step", MSG_ID, key.peer_id) == (key.peer_id, 42)
+    assert dht.open_signed(body, "step", MSG_ID, None)[0] == key.peer_id
+
+
+def test_signed_reply_from_another_key_is_a_forged_id():
+    body = dht.seal_signed(NodeKey.generate(), "ping", MSG_ID, b"")
+    with pytest.raises(WireFormatError, match="forged or stale ID"):
+        dht.open_signed(body, "ping", MSG_ID, NodeKey.generate().peer_id)
+
+
+@pytest.mark.parametrize("change", ["payload", "msg_id", "name", "signature"])
+def test_signed_reply_that_was_tampered_or_replayed_does_not_verify(change):
+    key = NodeKey.generate()
+    packed, public_key, signature = dht.seal_signed(key, "step", MSG_ID, 1)
+    name, msg_id = "step", MSG_ID
+    if change == "payload":
+        packed = msgpack.packb(2)
+    elif change == "msg_id":
+        msg_id = b"o" * 20  # the same reply offered to another request: a replay
+    elif change == "name":
+        name = "info"
+    else:
+        signature = bytes(64)
+    with pytest.raises(WireFormatError, match="does not verify"):
+        dht.open_signed([packed, public_key, signature], name, msg_id, key.peer_id)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [None, [b"", b"k" * 32], [b"", b"k" * 31, b"s" * 64], [b"", b"k" * 32, b"s" * 63], [1, 2, 3]],
+)
+def test_signed_reply_with_a_bad_shape_is_rejected(body):
+    with pytest.raises(WireFormatError):
+        dht.open_signed(body, "ping", MSG_ID, None)
+
+
+def test_record_round_trips():
+    key = NodeKey.generate()
+    record = NodeRecord(key.public_key, "peer", Address("::1", 8080), Step(3), 1.7e9)
+    decoded = dht.decode_record(msgpack.unpackb(msgpack.packb(dht.encode_record(record))))
+    assert decoded == record and decoded.peer_id == key.peer_id
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"role": "king"}, "role"),
+        ({"step": -1}, "step"),
+        ({"step": True}, "step"),
+        ({"ts": 5}, "ts"),
+        ({"http": "nohost"}, "http"),
+        ({"key": b"short"}, "key"),
+        ({"extra": 1}, "fields"),
+    ],
+)
+def test_record_with_a_bad_field_is_rejected(change, field):
+    record = dht.encode_record(NodeRecord(b"k" * 32, "peer", None, Step(0), 1.0))
+    with pytest.raises(WireFormatError, match=field):
+        dht.decode_record({**record, **change})
+
+
+@given(st.binary(max_size=300))
+def test_decode_datagram_of_any_bytes_returns_or_raises_wire_format_error(data):
+    try:
+        dg = dht.decode_datagram(data)
+    except WireFormatError:
+        return
+    with contextlib.suppress(WireFormatError):
+        dht.decode_request(dg.body)
