@@ -13,7 +13,7 @@ import msgpack
 import pytest
 
 from p2pml.core.config import OverlayConfig
-from p2pml.core.types import Address, PeerId, Step
+from p2pml.core.types import Address, Step
 from p2pml.errors import ConfigError, OverlayError, PeerTimeout, WireFormatError
 from p2pml.io.overlay import KademliaOverlay, load_contacts
 from p2pml.io.overlaybench import loopback_host
@@ -50,8 +50,13 @@ async def swarm(
 
 
 async def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Wait until `condition()` holds, failing after `timeout_s`.
+
+    The conditions are counters and lists that datagram callbacks update; there is no event to
+    await, so the condition is re-checked every few milliseconds under the deadline.
+    """
     async with asyncio.timeout(timeout_s):
-        while not condition():
+        while not condition():  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
 
@@ -312,6 +317,7 @@ async def test_ipv6_nodes_join_over_the_v6_loopback():
 async def test_contacts_persist_as_json_and_reload(tmp_path):
     path = tmp_path / "contacts.json"
     async with swarm(4) as nodes:
+        await wait_for(lambda: len(nodes[1].contacts()) == 3)  # later joiners are checked async
         nodes[1].save_contacts(path)
         addrs = {n.addr for n in nodes} - {nodes[1].addr}
     assert set(load_contacts(path)) == addrs

@@ -56,6 +56,8 @@ class DhtEndpoint:
         self.addr: Address | None = None
         self._verified: OrderedDict[Address, PeerId] = OrderedDict()
         self._verifying: set[Address] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._last_warn: dict[str, float] = {}
 
     async def open(self) -> Address:
@@ -129,11 +131,18 @@ class DhtEndpoint:
             return
         assert self.protocol is not None, "open() first"
         self._verifying.add(contact.addr)
+        self._idle.clear()
         msg_id, future = self.protocol.request(contact.addr, "ping", [], None)
         future.add_done_callback(lambda f: self._verified_reply(contact, msg_id, f.result()))
 
+    async def verifications_done(self) -> None:
+        """Wait until no identity check is in flight (each ends within the RPC timeout)."""
+        await self._idle.wait()
+
     def _verified_reply(self, contact: Contact, msg_id: bytes, body: object) -> None:
         self._verifying.discard(contact.addr)
+        if not self._verifying:
+            self._idle.set()
         if body is TIMEOUT:
             if self.protocol is not None:
                 self.table.note_miss(to_knode(contact))

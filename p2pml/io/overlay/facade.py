@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -271,6 +272,10 @@ class KademliaOverlay:
             if reached:
                 await self.lookup(self.peer_id)
                 await self.refresh_buckets(every=True)
+                # joined = the table holds what the join found: wait for the identity checks
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2 * self.config.rpc_timeout_s):
+                        await self.endpoint.verifications_done()
                 log.info(
                     "%s joined through %d seed(s); %d contacts",
                     self.short_id,
