@@ -47,6 +47,11 @@ def _table(result: dict[str, object]) -> Table:
             f"{est['rmse']:.2%}",
             f"<= {1.3 * est['expected_rel_error']:.2%} (1.3x 1/sqrt(L(k-2)))",
         ),
+        (
+            "barrier check s (10 signed step RPCs)",
+            f"{result['barrier_check_p50_s']:.4f}",
+            "<= 0.002 (both ends in this process)",
+        ),
         ("draws", str(samp["draws"]), ""),
         ("chi-square p of draws", f"{samp.get('chi2_p', float('nan')):.3g}", ">= 0.001"),
         ("dead peers in samples", str(samp["dead_in_samples"]), "0"),

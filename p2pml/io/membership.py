@@ -5,7 +5,8 @@ closest node, this node counted) and is also one zone draw for the sample pool (
 More zone lookups top the pool up to `pool_draws` accepted draws per refresh; accepted peers are
 confirmed live with a signed ``info`` RPC, and every pooled peer is pinged each refresh, so a dead
 peer leaves the pool within one refresh interval. While lookups find fewer than k nodes the network
-is small enough to count exactly, and samples come straight from the routing table.
+is small enough to count exactly, as it is while lookups find nobody the routing table lacks and no
+bucket ever overflowed; then samples come straight from the routing table.
 """
 
 from __future__ import annotations
@@ -110,10 +111,13 @@ class Membership:
             [partial(overlay.lookup, t.to_bytes(20, "big")) for t in targets], LOOKUP_CONCURRENCY
         )
         distances = [kth_distance(r, overlay.peer_id, k) for r in results]
-        if any(d is None for d in distances):
-            seen = {c.peer_id for r in results for c in r.contacts}
-            seen |= {c.peer_id for c in overlay.contacts()}
-            self._estimate = estimate_population([], k=k, n_known=len(seen - {overlay.peer_id}) + 1)
+        seen = {c.peer_id for r in results for c in r.contacts}
+        table = {c.peer_id for c in overlay.contacts()}
+        if any(d is None for d in distances) or (seen <= table and overlay.table_is_complete()):
+            # Lookups found fewer than k nodes, or found nobody the table lacks while no bucket
+            # ever overflowed: the table knows everyone, so count instead of estimating.
+            n_known = len((seen | table) - {overlay.peer_id}) + 1
+            self._estimate = estimate_population([], k=k, n_known=n_known)
         else:
             self._estimate = estimate_population([d for d in distances if d is not None], k=k)
             await self._accept_draws(results)

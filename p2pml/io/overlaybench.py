@@ -30,6 +30,7 @@ __all__ = ["Progress", "loopback_host", "run_overlay_bench"]
 
 Progress = Callable[[str, int, int], None]
 DRAW_CONCURRENCY = 8
+BARRIER_CHECK_NODES = 50
 POOL_DRAWS = 4  # the pool is checked for dead peers, not measured: keep its refresh short
 
 
@@ -92,6 +93,17 @@ async def _draw(nodes: list[KademliaOverlay], n_draws: int, progress: Progress) 
     }
 
 
+async def _barrier_checks(nodes: list[KademliaOverlay], rng: random.Random) -> list[float]:
+    """Seconds per barrier check: 10 peers from the pool, their signed steps read in parallel."""
+    times = []
+    for node in nodes:
+        peers = node.sample_peers(10, rng)
+        started = time.perf_counter()
+        await asyncio.gather(*(node.step_of(c) for c in peers), return_exceptions=True)
+        times.append(time.perf_counter() - started)
+    return times
+
+
 async def run_overlay_bench(
     *,
     n_nodes: int,
@@ -129,6 +141,7 @@ async def run_overlay_bench(
             assert estimate is not None, "refresh sets an estimate"
             errors.append((estimate.n_hat - len(live)) / len(live))
             progress("refresh", i + 1, len(live))
+        checks = await _barrier_checks(live[:BARRIER_CHECK_NODES], rng)
         dead_ids = {nodes[i].peer_id for i in dead}
         dead_in_samples = sum(
             1 for node in live for c in node.sample_peers(10, rng) if c.peer_id in dead_ids
@@ -144,6 +157,8 @@ async def run_overlay_bench(
         "lookup_p50_s": statistics.median(durations),
         "lookup_p95_s": _quantile(durations, 0.95),
         "rpc_timeout_s": config.rpc_timeout_s,
+        "barrier_check_p50_s": statistics.median(checks) if checks else None,
+        "barrier_check_p95_s": _quantile(checks, 0.95) if checks else None,
         "estimate": {
             "true_n": len(live),
             "median_abs_error": statistics.median(absolute),

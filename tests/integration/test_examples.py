@@ -29,3 +29,19 @@ def test_simulate_sweep_example_prints_one_row_per_run():
     rows = proc.stdout.strip().splitlines()
     assert rows[0].split() == ["run", "min", "median", "max", "spread"]
     assert [r.split()[0] for r in rows[1:]] == ["bsp", "asp", "pssp", "pssp", "pssp", "pssp"]
+
+
+def test_overlay_swarm_example_prints_one_row_per_node():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "overlay_swarm.py"), "--nodes", "8"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = proc.stdout.strip().splitlines()
+    assert rows[0].split() == ["node", "contacts", "N^", "sample"]
+    assert len(rows) == 9
+    assert all(row.split()[2] == "8" for row in rows[1:])  # a small network is counted exactly
+    assert all(len(row.split()) == 6 for row in rows[1:])  # three sampled peers each

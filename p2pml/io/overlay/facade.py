@@ -137,6 +137,10 @@ class KademliaOverlay:
     def set_http(self, addr: Address | None) -> None:
         self.endpoint.http = addr
 
+    def table_is_complete(self) -> bool:
+        """True while no bucket of the routing table ever overflowed."""
+        return self.endpoint.table.is_complete()
+
     def contacts(self) -> list[Contact]:
         """The verified contacts in the routing table, sorted by ID."""
         return sorted(self.endpoint.contacts(), key=lambda c: c.peer_id)

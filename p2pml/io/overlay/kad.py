@@ -109,6 +109,10 @@ class HardenedTable(RoutingTable):  # type: ignore[misc]
         else:  # full: the newcomer waits as a replacement while the head is checked
             self.protocol.check_alive(to_contact(bucket.head()))
 
+    def is_complete(self) -> bool:
+        """No bucket ever had to turn a contact away: the table holds everyone it has verified."""
+        return all(len(b) < self.ksize and not b.replacement_nodes for b in self.buckets)
+
     def note_miss(self, node: KNode) -> None:
         misses = self._misses.get(node.id, 0) + 1
         bucket = self.buckets[self.get_bucket_for(node)]
