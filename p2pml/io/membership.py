@@ -106,17 +106,17 @@ class Membership:
     async def estimate_now(self) -> EstimateView | None:
         """Run L random lookups and update N^ (exact while lookups find fewer than k nodes)."""
         k, overlay = self._config.k, self._overlay
+        before = {c.peer_id for c in overlay.contacts()}  # lookups add the nodes they meet
         targets = [choose_zone(overlay.rng) for _ in range(self._config.estimate_lookups)]
         results = await _bounded(
             [partial(overlay.lookup, t.to_bytes(20, "big")) for t in targets], LOOKUP_CONCURRENCY
         )
         distances = [kth_distance(r, overlay.peer_id, k) for r in results]
         seen = {c.peer_id for r in results for c in r.contacts}
-        table = {c.peer_id for c in overlay.contacts()}
-        if any(d is None for d in distances) or (seen <= table and overlay.table_is_complete()):
-            # Lookups found fewer than k nodes, or found nobody the table lacks while no bucket
-            # ever overflowed: the table knows everyone, so count instead of estimating.
-            n_known = len((seen | table) - {overlay.peer_id}) + 1
+        if any(d is None for d in distances) or (seen <= before and overlay.table_is_complete()):
+            # Lookups found fewer than k nodes, or L random lookups met nobody the table did not
+            # already hold while no bucket ever overflowed: the table knows everyone, so count.
+            n_known = len((seen | before) - {overlay.peer_id}) + 1
             self._estimate = estimate_population([], k=k, n_known=n_known)
         else:
             self._estimate = estimate_population([d for d in distances if d is not None], k=k)
@@ -174,12 +174,19 @@ class Membership:
         return added
 
     async def check_pool(self) -> None:
-        """Ping every pooled peer; drop the ones that do not answer."""
-        peers = [self._contacts[p] for p in self._pool.distinct() if p in self._contacts]
+        """Ping every peer samples come from; forget the ones that do not answer.
+
+        That is the pool, or the whole routing table while the network is counted exactly.
+        """
+        if self._estimate is None or self._estimate.is_exact:
+            peers = self._overlay.contacts()
+        else:
+            peers = [self._contacts[p] for p in self._pool.distinct() if p in self._contacts]
         alive = await _bounded([partial(self._is_alive, c) for c in peers], 16)
         for contact, ok in zip(peers, alive, strict=True):
             if not ok:
                 self.drop(contact.peer_id)
+                self._overlay.forget(contact)
 
     async def _is_alive(self, contact: Contact) -> bool:
         try:
@@ -198,7 +205,9 @@ class Membership:
         """k distinct live peers, uniform, never self: from the table while the network is
         counted exactly, else from the pool of uniform draws."""
         if self._estimate is None or self._estimate.is_exact:
-            return sample_peers(self._overlay.contacts(), k, rng)
+            silent = self._overlay.endpoint.silent_ids()
+            live = [c for c in self._overlay.contacts() if c.peer_id not in silent]
+            return sample_peers(live, k, rng)
         return [self._contacts[p] for p in self._pool.take(k, rng) if p in self._contacts]
 
     async def draw_uniform(self) -> Contact:

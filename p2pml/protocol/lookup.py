@@ -21,7 +21,7 @@ Must not import asyncio, sockets, threads, time, module-level random or torch.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from enum import Enum
 
 from p2pml.core.types import PeerId
@@ -49,6 +49,7 @@ class LookupMachine:
         alpha: queries in flight at once (not counting stalled ones).
         stall_s: after this long a query stops holding a slot.
         max_candidates: bound on the contacts remembered.
+        skip: IDs never to ask (contacts that recently missed a reply, known to this node).
         radius: for enumerating a zone (the IDs within this XOR distance of the target): the
             lookup is done once every candidate inside the radius (up to k) and the alpha
             closest outside it have answered, instead of the k closest.
@@ -65,8 +66,10 @@ class LookupMachine:
         stall_s: float,
         max_candidates: int = 512,
         radius: int | None = None,
+        skip: Collection[PeerId] = (),
     ) -> None:
         self._radius = radius
+        self._skip = frozenset(skip)
         self.target = target
         self._self = self_id
         self._k, self._alpha, self._stall_s = k, alpha, stall_s
@@ -84,7 +87,8 @@ class LookupMachine:
 
     def _add(self, contacts: Iterable[Contact]) -> None:
         for c in contacts:
-            if c.peer_id != self._self and c.peer_id not in self._state:
+            known = c.peer_id in self._state or c.peer_id in self._skip
+            if c.peer_id != self._self and not known:
                 self._contacts[c.peer_id] = c
                 self._state[c.peer_id] = _State.NEW
                 self._dist[c.peer_id] = int.from_bytes(c.peer_id, "big") ^ self.target

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 WARN_INTERVAL_S: Final = 10.0
 RECEIVE_BUFFER_BYTES: Final = 1 << 20
 MAX_VERIFIED: Final = 1024
+MAX_SILENT: Final = 1024
 
 
 class DhtEndpoint:
@@ -56,6 +57,7 @@ class DhtEndpoint:
         self.addr: Address | None = None
         self._verified: OrderedDict[Address, PeerId] = OrderedDict()
         self._verifying: set[Address] = set()
+        self._silent: OrderedDict[PeerId, float] = OrderedDict()
         self._idle = asyncio.Event()
         self._idle.set()
         self._last_warn: dict[str, float] = {}
@@ -112,10 +114,25 @@ class DhtEndpoint:
     def is_verified(self, contact: Contact) -> bool:
         return self._verified.get(contact.addr) == contact.peer_id
 
+    def note_silent(self, contact: Contact) -> None:
+        """`contact` missed a reply: lookups skip it for a refresh interval, unless it speaks."""
+        self._silent[contact.peer_id] = time.monotonic()
+        self._silent.move_to_end(contact.peer_id)
+        while len(self._silent) > MAX_SILENT:
+            self._silent.popitem(last=False)
+
+    def silent_ids(self) -> set[PeerId]:
+        """Contacts that missed a reply within the last refresh interval."""
+        horizon = time.monotonic() - self.config.refresh_interval_s
+        while self._silent and next(iter(self._silent.values())) < horizon:
+            self._silent.popitem(last=False)
+        return set(self._silent)
+
     def heard_from(self, contact: Contact) -> None:
         """A contact answered us or asked us something: refresh it, or check who it is."""
         if contact.addr.host in ("0.0.0.0", "::"):
             return
+        self._silent.pop(contact.peer_id, None)
         if self.is_verified(contact):
             self._verified.move_to_end(contact.addr)
             self.table.add_contact(to_knode(contact))

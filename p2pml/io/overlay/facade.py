@@ -137,6 +137,11 @@ class KademliaOverlay:
     def set_http(self, addr: Address | None) -> None:
         self.endpoint.http = addr
 
+    def forget(self, contact: Contact) -> None:
+        """Drop a contact that stopped answering from the routing table and the identity cache."""
+        self.endpoint.forget(contact)
+        self.endpoint.note_silent(contact)
+
     def table_is_complete(self) -> bool:
         """True while no bucket of the routing table ever overflowed."""
         return self.endpoint.table.is_complete()
@@ -205,14 +210,16 @@ class KademliaOverlay:
             raise OverlayError("the overlay is not listening yet: use `async with`")
         loop = asyncio.get_running_loop()
         started = loop.time()
+        silent = self.endpoint.silent_ids()
         machine = LookupMachine(
             int.from_bytes(target, "big"),
             self.peer_id,
-            self.endpoint.closest(target, k),
+            [c for c in self.endpoint.closest(target, k + len(silent)) if c.peer_id not in silent],
             k=k,
             alpha=self.config.alpha,
             stall_s=self.config.stall_s,
             radius=radius,
+            skip=silent,
         )
         try:
             async with asyncio.timeout(self.config.lookup_timeout_s):

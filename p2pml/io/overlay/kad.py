@@ -101,6 +101,7 @@ class HardenedTable(RoutingTable):  # type: ignore[misc]
         self._misses.pop(node.id, None)
         index = self.get_bucket_for(node)
         bucket = self.buckets[index]
+        bucket.touch_last_updated()  # heard from this range: it needs no refresh lookup
         if bucket.add_node(node):
             return
         if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
@@ -111,7 +112,8 @@ class HardenedTable(RoutingTable):  # type: ignore[misc]
 
     def is_complete(self) -> bool:
         """No bucket ever had to turn a contact away: the table holds everyone it has verified."""
-        return all(len(b) < self.ksize and not b.replacement_nodes for b in self.buckets)
+        # A full bucket keeps the contacts it turns away as replacements, so none means none lost.
+        return not any(b.replacement_nodes for b in self.buckets)
 
     def note_miss(self, node: KNode) -> None:
         misses = self._misses.get(node.id, 0) + 1
@@ -148,6 +150,9 @@ class BoundedStore(ForgetfulStorage):  # type: ignore[misc]
 class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
     """Datagram handling, RPC handlers and requests; see the module docstring."""
 
+    transport: asyncio.DatagramTransport  # set by the base class's connection_made
+    storage: BoundedStore  # set by the base class's __init__
+
     def __init__(self, endpoint: DhtEndpoint) -> None:
         self.ep = endpoint
         super().__init__(endpoint.knode, endpoint.store, endpoint.config.k)
@@ -172,6 +177,10 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         except Exception:  # a bug in a handler must not take the node down: log it, keep serving
             self.ep.counters["internal_error"] += 1
             log.exception("internal error handling a datagram from %s", addr[0])
+
+    def __getattr__(self, name: str) -> object:
+        # rpcudp turns every unknown attribute into a remote call: a typo would send datagrams.
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -220,9 +229,10 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
 
     def _rpc_find_node(self, msg_id: bytes, source: Address, sender: PeerId, key: bytes) -> object:
         near = self.router.find_neighbors(
-            KNode(key), exclude=KNode(sender, source.host, source.port)
+            KNode(key), self.ep.config.k + 4, exclude=KNode(sender, source.host, source.port)
         )
-        return [[n.id, n.ip, n.port] for n in near]
+        silent = self.ep.silent_ids()  # do not send others to contacts that stopped answering
+        return [[n.id, n.ip, n.port] for n in near if n.id not in silent][: self.ep.config.k]
 
     def _rpc_find_value(self, msg_id: bytes, source: Address, sender: PeerId, key: bytes) -> object:
         value = self.storage.get(key, None)
@@ -256,6 +266,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         future, _, contact = self._outstanding.pop(msg_id)
         self.ep.counters["rpc_timeouts"] += 1
         if contact is not None:
+            self.ep.note_silent(contact)
             self.router.note_miss(to_knode(contact))
         if not future.done():
             future.set_result(TIMEOUT)
