@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import signal
 import statistics
 import sys
@@ -195,6 +196,7 @@ def peers(
         raise bad_flag("--sample", sample, "a whole number in 1-1000")
     config = _config(listen, None, rpc_timeout)
     check_writable(json_path, "--json")
+    setup_logging(logging.WARNING)
     try:
         result = asyncio.run(_look(config, seeds, sample))
     except OverlayError as err:

@@ -97,23 +97,32 @@ class LookupMachine:
             for p in heapq.nlargest(len(self._state) - self._max, new, key=self._distance):
                 del self._state[p], self._contacts[p], self._dist[p]
 
-    def _closest_alive(self) -> list[PeerId]:
+    def _closest_alive(self, spare: int = 0) -> list[PeerId]:
         alive = [p for p, s in self._state.items() if s is not _State.FAILED]
-        nearest = heapq.nsmallest(self._k, alive, key=self._distance)
+        nearest = heapq.nsmallest(self._k + spare, alive, key=self._distance)
         if self._radius is None:
             return nearest
         inside = [p for p in nearest if self._dist[p] < self._radius]
-        return nearest[: len(inside) + self._alpha]
+        return nearest[: len(inside) + self._alpha + spare]
 
-    def next_queries(self, *, now: float) -> list[Contact]:
-        """Contacts to send a ``find_node`` to now (each is marked ASKED)."""
-        active = sum(
+    def _stalled(self, now: float) -> int:
+        return sum(
             1
             for p, at in self._asked_at.items()
-            if self._state[p] is _State.ASKED and now - at < self._stall_s
+            if self._state[p] is _State.ASKED and now - at >= self._stall_s
         )
+
+    def next_queries(self, *, now: float) -> list[Contact]:
+        """Contacts to send a ``find_node`` to now (each is marked ASKED).
+
+        Each stalled query (probably a dead contact) widens the set asked by one, so that when it
+        finally fails its successor has already answered: a dead contact costs one RPC timeout
+        in all, not one after another.
+        """
+        stalled = self._stalled(now)
+        active = sum(1 for s in self._state.values() if s is _State.ASKED) - stalled
         out = []
-        for p in self._closest_alive():
+        for p in self._closest_alive(spare=stalled):
             if active >= self._alpha:
                 break
             if self._state[p] is _State.NEW:

@@ -120,3 +120,20 @@ def test_zone_lookup_enumerates_the_zone_with_fewer_queries(rng):
     _run(zoned, net, set())
     assert {c for c in zoned.result() if c.long_id ^ target < radius} == zone
     assert zoned.n_queries < full.n_queries
+
+
+def test_stalled_query_makes_the_lookup_ask_one_more_contact(rng):
+    net = _net(rng, 100)
+    target = rng.getrandbits(160)
+    closest = _closest(net, target, 3)
+    machine = LookupMachine(target, PeerId(b"\x00" * 20), closest, k=2, alpha=3, stall_s=0.1)
+    asked = machine.next_queries(now=0.0)
+    assert asked == closest[:2]  # only the k = 2 closest are needed
+    machine.on_reply(asked[1].peer_id, [], now=0.01)
+    assert machine.next_queries(now=0.05) == []
+    # the closest has not answered for stall_s: its successor is asked before it fails
+    assert machine.next_queries(now=0.1) == [closest[2]]
+    machine.on_reply(closest[2].peer_id, [], now=0.11)
+    assert not machine.is_done  # the stalled one may still answer
+    machine.on_failure(asked[0].peer_id, now=0.5)
+    assert machine.is_done and machine.result() == closest[1:]
