@@ -20,7 +20,13 @@ from typing import Final
 
 from p2pml.errors import ConfigError
 
-__all__ = ["ID_SPACE", "PopulationEstimate", "estimate_population", "relative_error"]
+__all__ = [
+    "ID_SPACE",
+    "PopulationEstimate",
+    "estimate_from_lookups",
+    "estimate_population",
+    "relative_error",
+]
 
 ID_SPACE: Final = 1 << 160
 
@@ -85,3 +91,30 @@ def estimate_population(
     terms = [(k - 1) * ID_SPACE / max(d, 1) for d in kth_distances]
     n_hat = max(statistics.fmean(terms), float(k))
     return PopulationEstimate(n_hat, len(kth_distances), k, relative_error(len(kth_distances), k))
+
+
+def estimate_from_lookups(
+    kth_distances: Sequence[int | None],
+    *,
+    k: int,
+    n_known: int,
+    met_unknown: bool,
+    table_complete: bool,
+) -> PopulationEstimate:
+    """Count or estimate N from one round of random lookups.
+
+    The population is counted (`n_known`, this node included) when a lookup found fewer than k
+    nodes (it asked everyone it could find), or when the lookups met nobody the routing table did
+    not already hold while no bucket ever turned a contact away (the table knows everyone; L
+    lookups of k nodes would almost surely meet a missing node otherwise). Else it is estimated.
+
+    Args:
+        kth_distances: per lookup, the k-th closest distance (self counted), None if under k found.
+        n_known: the distinct nodes known, this one included.
+        met_unknown: a lookup returned a node the table did not hold before the round.
+        table_complete: no bucket ever had to turn a contact away.
+    """
+    found = [d for d in kth_distances if d is not None]
+    if len(found) < len(kth_distances) or (table_complete and not met_unknown):
+        return estimate_population([], k=k, n_known=n_known)
+    return estimate_population(found, k=k)

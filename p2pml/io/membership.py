@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
-from p2pml.core.estimate import ID_SPACE, PopulationEstimate, estimate_population
+from p2pml.core.estimate import ID_SPACE, PopulationEstimate, estimate_from_lookups
 from p2pml.core.sampling import sample_peers
 from p2pml.core.types import PeerId
 from p2pml.core.zones import PeerPool, choose_zone, draw_from_zone, zone_bits
@@ -113,13 +113,14 @@ class Membership:
         )
         distances = [kth_distance(r, overlay.peer_id, k) for r in results]
         seen = {c.peer_id for r in results for c in r.contacts}
-        if any(d is None for d in distances) or (seen <= before and overlay.table_is_complete()):
-            # Lookups found fewer than k nodes, or L random lookups met nobody the table did not
-            # already hold while no bucket ever overflowed: the table knows everyone, so count.
-            n_known = len((seen | before) - {overlay.peer_id}) + 1
-            self._estimate = estimate_population([], k=k, n_known=n_known)
-        else:
-            self._estimate = estimate_population([d for d in distances if d is not None], k=k)
+        self._estimate = estimate_from_lookups(
+            distances,
+            k=k,
+            n_known=len((seen | before) - {overlay.peer_id}) + 1,
+            met_unknown=not seen <= before,
+            table_complete=overlay.table_is_complete(),
+        )
+        if not self._estimate.is_exact:
             await self._accept_draws(results)
         self._estimate_at = time.monotonic()
         return self.estimate

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pml.core.estimate import ID_SPACE, estimate_population, relative_error
+from p2pml.core.estimate import ID_SPACE, estimate_from_lookups, estimate_population, relative_error
 from p2pml.errors import ConfigError
 
 
@@ -73,3 +73,22 @@ def test_estimate_rejects_bad_observations_naming_the_field(kwargs, field):
     with pytest.raises(ConfigError) as info:
         estimate_population(**kwargs)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("distances", "met_unknown", "complete", "exact"),
+    [
+        ([ID_SPACE // 10, None], True, False, True),  # a lookup found under k nodes: count
+        ([ID_SPACE // 10] * 2, False, True, True),  # the table knows everyone: count
+        ([ID_SPACE // 10] * 2, True, True, False),  # a lookup met a stranger: estimate
+        ([ID_SPACE // 10] * 2, False, False, False),  # a bucket turned someone away: estimate
+    ],
+)
+def test_estimate_from_lookups_counts_only_when_the_table_knows_everyone(
+    distances, met_unknown, complete, exact
+):
+    result = estimate_from_lookups(
+        distances, k=20, n_known=42, met_unknown=met_unknown, table_complete=complete
+    )
+    assert result.is_exact is exact
+    assert result.n_hat == (42 if exact else pytest.approx(19 * 10))
