@@ -132,10 +132,10 @@ def seed(
 
     try:
         asyncio.run(main())
-    except OSError as err:
-        raise bad_flag(
-            "--listen", listen, f"an address this host can bind ({err.strerror})"
-        ) from None
+    except ConfigError as err:
+        if err.field != "listen":
+            raise
+        raise bad_flag("--listen", listen, err.allowed) from None
 
 
 async def _look(config: OverlayConfig, seeds: list[Address], n_sample: int) -> dict[str, object]:
@@ -199,6 +199,10 @@ def peers(
     setup_logging(logging.WARNING)
     try:
         result = asyncio.run(_look(config, seeds, sample))
+    except ConfigError as err:
+        if err.field != "listen":
+            raise
+        raise bad_flag("--listen", listen, err.allowed) from None
     except OverlayError as err:
         print(f"p2pml peers: error: {err}", file=sys.stderr)
         raise typer.Exit(1) from None

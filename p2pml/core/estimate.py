@@ -98,23 +98,28 @@ def estimate_from_lookups(
     *,
     k: int,
     n_known: int,
+    complete: Sequence[bool],
     met_unknown: bool,
     table_complete: bool,
 ) -> PopulationEstimate:
     """Count or estimate N from one round of random lookups.
 
-    The population is counted (`n_known`, this node included) when a lookup found fewer than k
-    nodes (it asked everyone it could find), or when the lookups met nobody the routing table did
-    not already hold while no bucket ever turned a contact away (the table knows everyone; L
-    lookups of k nodes would almost surely meet a missing node otherwise). Else it is estimated.
+    The population is counted (`n_known`, this node included) when a lookup that ran to its end
+    found fewer than k nodes and fewer than k + 1 are known (it asked everyone there is), or when
+    the lookups met nobody the routing table did not already hold while no bucket holds a contact
+    it turned away (the table knows everyone: if it lacked a share f of the nodes, L lookups of k
+    nodes would all miss them with probability about exp(-f L k), so a count that passes this is
+    off by about 1 / (L k) at most). Otherwise N is estimated from the lookups that found k nodes.
 
     Args:
         kth_distances: per lookup, the k-th closest distance (self counted), None if under k found.
         n_known: the distinct nodes known, this one included.
+        complete: per lookup, whether it ran to its end (not cut by its time budget).
         met_unknown: a lookup returned a node the table did not hold before the round.
-        table_complete: no bucket ever had to turn a contact away.
+        table_complete: no bucket holds a contact it had to turn away.
     """
     found = [d for d in kth_distances if d is not None]
-    if len(found) < len(kth_distances) or (table_complete and not met_unknown):
+    short_and_done = any(d is None and c for d, c in zip(kth_distances, complete, strict=True))
+    if (short_and_done and n_known <= k) or (table_complete and not met_unknown) or not found:
         return estimate_population([], k=k, n_known=n_known)
     return estimate_population(found, k=k)

@@ -97,39 +97,38 @@ class Membership:
         return len(self._pool.distinct())
 
     async def refresh(self) -> None:
-        """Re-estimate N, top up the pool with fresh uniform draws, and drop dead pool peers."""
+        """Drop dead peers, re-estimate N and top up the pool with fresh uniform draws."""
         await self.check_pool()
         await self.estimate_now()
         if self._estimate is not None and not self._estimate.is_exact:
             await self.fill_pool(self._config.pool_draws)
 
     async def estimate_now(self) -> EstimateView | None:
-        """Run L random lookups and update N^ (exact while lookups find fewer than k nodes)."""
+        """Run L random lookups, update N^ and take each lookup as one zone draw for the pool."""
         k, overlay = self._config.k, self._overlay
+        bits = self._bits()  # fixed before the targets are drawn, so zones stay exactly uniform
         before = {c.peer_id for c in overlay.contacts()}  # lookups add the nodes they meet
         targets = [choose_zone(overlay.rng) for _ in range(self._config.estimate_lookups)]
         results = await _bounded(
             [partial(overlay.lookup, t.to_bytes(20, "big")) for t in targets], LOOKUP_CONCURRENCY
         )
-        distances = [kth_distance(r, overlay.peer_id, k) for r in results]
         seen = {c.peer_id for r in results for c in r.contacts}
         self._estimate = estimate_from_lookups(
-            distances,
+            [kth_distance(r, overlay.peer_id, k) for r in results],
             k=k,
             n_known=len((seen | before) - {overlay.peer_id}) + 1,
+            complete=[r.complete for r in results],
             met_unknown=not seen <= before,
             table_complete=overlay.table_is_complete(),
         )
-        if not self._estimate.is_exact:
-            await self._accept_draws(results)
         self._estimate_at = time.monotonic()
+        await self._accept_draws(results, bits)
         return self.estimate
 
     def _bits(self) -> int:
         return zone_bits(self._estimate.n_hat if self._estimate is not None else 0.0)
 
-    async def _accept_draws(self, results: Sequence[LookupResult]) -> int:
-        bits, added = self._bits(), 0
+    async def _accept_draws(self, results: Sequence[LookupResult], bits: int) -> int:
         chosen: list[Contact] = []
         for r in results:
             by_id = {c.peer_id: c for c in r.contacts}
@@ -144,11 +143,20 @@ class Membership:
             self.n_overflow_zones += draw.overflow
             if draw.chosen is not None:
                 chosen.append(by_id[draw.chosen])
+        added = 0
         for contact in chosen:
             if await self._confirm(contact):
                 self._pool.add(contact.peer_id, now=time.monotonic())
                 added += 1
+        self._trim()
         return added
+
+    def _trim(self) -> None:
+        """Forget records of peers the bounded pool no longer holds."""
+        pooled = set(self._pool.distinct())
+        for peer in [p for p in self._contacts if p not in pooled]:
+            del self._contacts[peer]
+            self.records.pop(peer, None)
 
     async def _confirm(self, contact: Contact) -> bool:
         try:
@@ -162,16 +170,17 @@ class Membership:
     async def fill_pool(self, n_draws: int) -> int:
         """Add up to `n_draws` accepted uniform draws, with at most 4 lookups per draw wanted."""
         added, budget = 0, 4 * n_draws
+        bits = self._bits()
+        radius, rng = ID_SPACE >> bits, self._overlay.rng
         while added < n_draws and budget > 0:
             batch = min(budget, LOOKUP_CONCURRENCY)
             budget -= batch
-            radius, rng = ID_SPACE >> self._bits(), self._overlay.rng
             targets = [choose_zone(rng).to_bytes(20, "big") for _ in range(batch)]
             results = await _bounded(
                 [partial(self._overlay.lookup, t, radius=radius) for t in targets],
                 LOOKUP_CONCURRENCY,
             )
-            added += await self._accept_draws(results)
+            added += await self._accept_draws(results, bits)
         return added
 
     async def check_pool(self) -> None:
@@ -206,8 +215,8 @@ class Membership:
         """k distinct live peers, uniform, never self: from the table while the network is
         counted exactly, else from the pool of uniform draws."""
         if self._estimate is None or self._estimate.is_exact:
-            silent = self._overlay.endpoint.silent_ids()
-            live = [c for c in self._overlay.contacts() if c.peer_id not in silent]
+            silent = self._overlay.endpoint.silent()
+            live = [c for c in self._overlay.contacts() if c not in silent]
             return sample_peers(live, k, rng)
         return [self._contacts[p] for p in self._pool.take(k, rng) if p in self._contacts]
 
@@ -221,9 +230,9 @@ class Membership:
         if self._estimate is None:
             await self.estimate_now()
         if self._estimate is not None and self._estimate.is_exact:
-            candidates = overlay.contacts()
+            candidates = self.sample(1, overlay.rng)
             if candidates:
-                return overlay.rng.choice(candidates)
+                return candidates[0]
         bits = self._bits()
         for _ in range(MAX_DRAW_LOOKUPS):
             target = choose_zone(overlay.rng).to_bytes(20, "big")

@@ -14,12 +14,22 @@ from pathlib import Path
 from p2pml.core.config import OverlayConfig
 from p2pml.core.types import Address
 from p2pml.errors import OverlayError
-from p2pml.io.overlay import KademliaOverlay, load_contacts
+from p2pml.io.overlay import KademliaOverlay, load_contacts, write_contacts
 from p2pml.protocol.identity import NodeKey
 
 __all__ = ["run_seed"]
 
 log = logging.getLogger(__name__)
+
+
+async def _save(overlay: KademliaOverlay, path: Path | None) -> None:
+    if path is None or not overlay.contacts():
+        return
+    document = overlay.contacts_document()  # on the loop: the table changes under other threads
+    try:
+        await asyncio.to_thread(write_contacts, path, document)
+    except OSError as err:
+        log.warning("could not save contacts to %s: %s", path, err.strerror)
 
 
 async def run_seed(
@@ -55,8 +65,6 @@ async def run_seed(
             try:
                 await asyncio.wait_for(stop.wait(), timeout=config.refresh_interval_s)
             except TimeoutError:
-                if contacts_path is not None and overlay.contacts():
-                    await asyncio.to_thread(overlay.save_contacts, contacts_path)
-        if contacts_path is not None and overlay.contacts():
-            await asyncio.to_thread(overlay.save_contacts, contacts_path)
+                await _save(overlay, contacts_path)
+        await _save(overlay, contacts_path)
         log.info("seed %s stopped", overlay.short_id)

@@ -189,18 +189,19 @@ def decode_request(body: object) -> tuple[str, PeerId, tuple[bytes, ...]]:
 
 @functools.lru_cache(maxsize=4096)
 def _is_ip(host: str) -> bool:
+    """A canonical IP literal with no IPv6 zone (``%eth0``): what a socket can send to as is."""
     try:
-        ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return False
-    return True
+    return str(ip) == host and getattr(ip, "scope_id", None) is None
 
 
 def _address(host: object, port: object, field: str) -> Address:
     if not isinstance(host, str) or len(host) > _MAX_HOST_CHARS:
         raise WireFormatError(f"{field} host: expected an IP address string")
     if not _is_ip(host):
-        raise WireFormatError(f"{field} host: {host[:40]!r} is not an IP address")
+        raise WireFormatError(f"{field} host: {host[:40]!r} is not a canonical IP address")
     if type(port) is not int or not 1 <= port <= 65535:
         raise WireFormatError(f"{field} port: expected an integer in 1-65535")
     return Address(host, port)
@@ -303,7 +304,8 @@ def decode_record(payload: object) -> NodeRecord:
         if not isinstance(http, str) or len(http) > _MAX_HOST_CHARS + 8:
             raise WireFormatError("info record http: expected host:port")
         host, _, port = http.rpartition(":")
-        addr = _address(host.strip("[]"), int(port) if port.isdigit() else port, "info http")
+        number = int(port) if port.isascii() and port.isdigit() and len(port) <= 5 else port
+        addr = _address(host.strip("[]"), number, "info http")
     if type(step) is not int or step < 0:
         raise WireFormatError("info record step: expected an integer >= 0")
     if type(ts) is not float or not 0 <= ts < 1e11:

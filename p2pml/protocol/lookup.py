@@ -3,7 +3,7 @@
 Theory of operation. A lookup for a 160-bit target keeps every contact it has heard of in one of
 four states: NEW (known, not asked), ASKED (a ``find_node`` is in flight), ANSWERED, FAILED. Inputs
 are `on_reply(peer_id, contacts, now=)` and `on_failure(peer_id, now=)`; `next_queries(now=)`
-returns the contacts to ask now and `next_deadline()` when the driver should call again.
+returns the contacts to ask now and `next_deadline(now=)` when the driver should call again.
 
 Unlike the kademlia package's crawler, which waits for a whole round of alpha replies, a slot frees
 as soon as any reply or failure arrives, and an in-flight query older than `stall_s` stops holding a
@@ -49,7 +49,7 @@ class LookupMachine:
         alpha: queries in flight at once (not counting stalled ones).
         stall_s: after this long a query stops holding a slot.
         max_candidates: bound on the contacts remembered.
-        skip: IDs never to ask (contacts that recently missed a reply, known to this node).
+        skip: contacts never to ask (they recently missed a reply to this node).
         radius: for enumerating a zone (the IDs within this XOR distance of the target): the
             lookup is done once every candidate inside the radius (up to k) and the alpha
             closest outside it have answered, instead of the k closest.
@@ -66,7 +66,7 @@ class LookupMachine:
         stall_s: float,
         max_candidates: int = 512,
         radius: int | None = None,
-        skip: Collection[PeerId] = (),
+        skip: Collection[Contact] = (),
     ) -> None:
         self._radius = radius
         self._skip = frozenset(skip)
@@ -87,7 +87,7 @@ class LookupMachine:
 
     def _add(self, contacts: Iterable[Contact]) -> None:
         for c in contacts:
-            known = c.peer_id in self._state or c.peer_id in self._skip
+            known = c.peer_id in self._state or c in self._skip
             if c.peer_id != self._self and not known:
                 self._contacts[c.peer_id] = c
                 self._state[c.peer_id] = _State.NEW
@@ -133,10 +133,17 @@ class LookupMachine:
                 out.append(self._contacts[p])
         return out
 
-    def next_deadline(self) -> float | None:
-        """When the oldest in-flight query stalls (frees its slot), or None."""
-        times = [at for p, at in self._asked_at.items() if self._state[p] is _State.ASKED]
-        return min(times) + self._stall_s if times else None
+    def next_deadline(self, *, now: float) -> float | None:
+        """When the next in-flight query stalls (frees its slot), or None when none will.
+
+        Queries that have stalled already are not deadlines: their RPC timers end them.
+        """
+        times = [
+            at + self._stall_s
+            for p, at in self._asked_at.items()
+            if self._state[p] is _State.ASKED and at + self._stall_s > now
+        ]
+        return min(times) if times else None
 
     def _expect_asked(self, peer_id: PeerId) -> None:
         if self._state.get(peer_id) is not _State.ASKED:

@@ -384,3 +384,62 @@ async def test_protocol_does_not_turn_unknown_attributes_into_remote_calls():
     async with KademliaOverlay(FAST, NodeKey.generate()) as node:
         with pytest.raises(AttributeError):
             node.endpoint.protocol.shutdown  # noqa: B018
+
+
+def _liar(key: NodeKey, contacts: Callable[[bytes], list[list[object]]]):
+    """An answerer that proves its own key and returns made-up contacts to find_node."""
+
+    def answer(msg_id: bytes, body: object) -> object | None:
+        name, args = body
+        if name == "find_node":
+            return contacts(args[1])
+        if name in ("ping", "info", "step"):
+            return dht.seal_signed(key, name, msg_id, b"" if name == "ping" else 0)
+        return None
+
+    return answer
+
+
+async def test_lookup_results_hold_only_ids_proven_at_their_address(loop_errors):
+    key = NodeKey.generate()
+    async with swarm(3) as nodes, raw_socket() as (fake, fake_addr):
+        # 20 IDs right next to any target, all "at" the liar's own address
+        fake.answer = _liar(
+            key,
+            lambda t: [
+                [(int.from_bytes(t, "big") ^ i).to_bytes(20, "big"), fake_addr.host, fake_addr.port]
+                for i in range(1, 21)
+            ],
+        )
+        await nodes[1].ping(fake_addr)  # the liar is a proven contact itself
+        result = await nodes[1].lookup(os.urandom(20))
+        ids = {c.peer_id for c in result.contacts}
+        assert ids <= {n.peer_id for n in nodes} | {key.peer_id}
+        assert nodes[1].counters["forged_id"] >= 1
+    assert loop_errors == []
+
+
+async def test_contact_with_a_zoned_ipv6_host_does_not_break_the_socket(loop_errors):
+    key = NodeKey.generate()
+    async with swarm(2) as nodes, raw_socket() as (fake, fake_addr):
+        fake.answer = _liar(key, lambda t: [[os.urandom(20), "::1%\x00", 4000]])
+        await nodes[1].ping(fake_addr)
+        await nodes[1].lookup(os.urandom(20))
+        assert nodes[1].counters["malformed"] + nodes[1].counters["bad_reply"] >= 1
+        assert not nodes[1].endpoint.protocol.transport.is_closing()
+        contact = next(c for c in nodes[1].contacts() if c.peer_id == nodes[0].peer_id)
+        assert await nodes[1].step_of(contact) == 0  # still talking
+    assert loop_errors == []
+
+
+async def test_a_request_claiming_another_nodes_id_cannot_evict_it(loop_errors):
+    async with swarm(2) as (a, b), raw_socket() as (attacker, _):
+        assert b.peer_id in {c.peer_id for c in a.contacts()}
+        for _ in range(5):  # the check of (b's ID, attacker's address) fails every time
+            attacker.send(request("ping", [], b.peer_id), a.addr)
+        await wait_for(lambda: a.counters["rpc_timeouts"] >= 1)
+        await a.endpoint.verifications_done()
+        assert b.peer_id in {c.peer_id for c in a.contacts()}
+        held = next(c for c in a.contacts() if c.peer_id == b.peer_id)
+        assert held.addr == b.addr
+    assert loop_errors == []

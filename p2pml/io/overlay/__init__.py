@@ -7,7 +7,14 @@
 from __future__ import annotations
 
 from p2pml.io.overlay.endpoint import DhtEndpoint
-from p2pml.io.overlay.facade import KademliaOverlay, LookupResult, load_contacts
+from p2pml.io.overlay.facade import KademliaOverlay, LookupResult, load_contacts, write_contacts
 from p2pml.io.overlay.kad import TIMEOUT
 
-__all__ = ["TIMEOUT", "DhtEndpoint", "KademliaOverlay", "LookupResult", "load_contacts"]
+__all__ = [
+    "TIMEOUT",
+    "DhtEndpoint",
+    "KademliaOverlay",
+    "LookupResult",
+    "load_contacts",
+    "write_contacts",
+]

@@ -11,7 +11,7 @@ from typing import Final
 
 from p2pml.core.config import OverlayConfig
 from p2pml.core.types import Address, PeerId, Step
-from p2pml.errors import WireFormatError
+from p2pml.errors import ConfigError, WireFormatError
 from p2pml.io.overlay.kad import (
     TIMEOUT,
     BoundedStore,
@@ -57,7 +57,7 @@ class DhtEndpoint:
         self.addr: Address | None = None
         self._verified: OrderedDict[Address, PeerId] = OrderedDict()
         self._verifying: set[Address] = set()
-        self._silent: OrderedDict[PeerId, float] = OrderedDict()
+        self._silent: OrderedDict[Contact, float] = OrderedDict()
         self._idle = asyncio.Event()
         self._idle.set()
         self._last_warn: dict[str, float] = {}
@@ -66,9 +66,14 @@ class DhtEndpoint:
         """Bind the UDP socket; returns the bound address (port 0 is read back)."""
         loop = asyncio.get_running_loop()
         listen = self.config.listen
-        transport, protocol = await loop.create_datagram_endpoint(
-            self._server._create_protocol, local_addr=(listen.host, listen.port)
-        )
+        try:
+            transport, protocol = await loop.create_datagram_endpoint(
+                self._server._create_protocol, local_addr=(listen.host, listen.port)
+            )
+        except OSError as err:
+            raise ConfigError(
+                "listen", str(listen), f"an address this host can bind ({err.strerror})"
+            ) from None
         sock = transport.get_extra_info("socket")
         if sock is not None:  # bursts of replies overflow the default buffer (issue 4)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
@@ -116,13 +121,13 @@ class DhtEndpoint:
 
     def note_silent(self, contact: Contact) -> None:
         """`contact` missed a reply: lookups skip it for a refresh interval, unless it speaks."""
-        self._silent[contact.peer_id] = time.monotonic()
-        self._silent.move_to_end(contact.peer_id)
+        self._silent[contact] = time.monotonic()
+        self._silent.move_to_end(contact)
         while len(self._silent) > MAX_SILENT:
             self._silent.popitem(last=False)
 
-    def silent_ids(self) -> set[PeerId]:
-        """Contacts that missed a reply within the last refresh interval."""
+    def silent(self) -> set[Contact]:
+        """Contacts (ID at address) that missed a reply within the last refresh interval."""
         horizon = time.monotonic() - self.config.refresh_interval_s
         while self._silent and next(iter(self._silent.values())) < horizon:
             self._silent.popitem(last=False)
@@ -132,7 +137,7 @@ class DhtEndpoint:
         """A contact answered us or asked us something: refresh it, or check who it is."""
         if contact.addr.host in ("0.0.0.0", "::"):
             return
-        self._silent.pop(contact.peer_id, None)
+        self._silent.pop(contact, None)
         if self.is_verified(contact):
             self._verified.move_to_end(contact.addr)
             self.table.add_contact(to_knode(contact))
@@ -143,13 +148,13 @@ class DhtEndpoint:
         """Ping `contact`; add it to the table only if its signed reply proves its ID."""
         if contact.addr in self._verifying or (self.is_verified(contact) and not force):
             return
-        if len(self._verifying) >= self.config.max_pending_verifications:
+        if len(self._verifying) >= self.config.max_pending_verifications and not force:
             self.counters["verify_dropped"] += 1
             return
         assert self.protocol is not None, "open() first"
         self._verifying.add(contact.addr)
         self._idle.clear()
-        msg_id, future = self.protocol.request(contact.addr, "ping", [], None)
+        msg_id, future = self.protocol.request(contact.addr, "ping", [], contact)
         future.add_done_callback(lambda f: self._verified_reply(contact, msg_id, f.result()))
 
     async def verifications_done(self) -> None:
@@ -160,9 +165,7 @@ class DhtEndpoint:
         self._verifying.discard(contact.addr)
         if not self._verifying:
             self._idle.set()
-        if body is TIMEOUT:
-            if self.protocol is not None:
-                self.table.note_miss(to_knode(contact))
+        if body is TIMEOUT:  # the request's own timer already counted the miss
             return
         try:
             dht.open_signed(body, "ping", msg_id, contact.peer_id)
@@ -181,5 +184,7 @@ class DhtEndpoint:
             self.table.add_contact(to_knode(contact))
 
     def forget(self, contact: Contact) -> None:
-        self._verified.pop(contact.addr, None)
+        """Drop `contact` (this ID at this address only) from the table and identity cache."""
+        if self._verified.get(contact.addr) == contact.peer_id:
+            del self._verified[contact.addr]
         self.table.remove_contact(to_knode(contact))

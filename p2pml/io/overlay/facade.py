@@ -21,8 +21,8 @@ from p2pml.core.types import Address, PeerId, Step
 from p2pml.errors import (
     ConfigError,
     OverlayError,
+    P2PMLError,
     PeerTimeout,
-    TransportError,
     WireFormatError,
 )
 from p2pml.io.membership import EstimateView, Membership
@@ -33,7 +33,7 @@ from p2pml.protocol.dht import Contact, NodeRecord
 from p2pml.protocol.identity import NodeKey
 from p2pml.protocol.lookup import LookupMachine
 
-__all__ = ["KademliaOverlay", "LookupResult", "load_contacts"]
+__all__ = ["KademliaOverlay", "LookupResult", "load_contacts", "write_contacts"]
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,11 @@ class LookupResult:
     """What one lookup found.
 
     Attributes:
-        contacts: the k closest contacts that answered, closest first (never one that failed).
+        contacts: the k closest contacts that answered, closest first, each with its ID proven
+            by a signed ping from its address (never one that failed or could not prove it).
         n_queries: ``find_node`` RPCs sent; n_failures: of those, unanswered or malformed.
         duration_s: wall time of the lookup.
+        complete: the lookup ran to its end (it did not run out of its time budget).
     """
 
     target: bytes
@@ -53,6 +55,7 @@ class LookupResult:
     n_queries: int
     n_failures: int
     duration_s: float
+    complete: bool = True
 
 
 class KademliaOverlay:
@@ -105,8 +108,11 @@ class KademliaOverlay:
             await asyncio.sleep(self.config.refresh_interval_s)
             try:
                 await self.refresh()
-            except TransportError as err:
+            except P2PMLError as err:
                 log.warning("refresh incomplete: %s", err)
+            except Exception:  # a bug must not cancel the task that holds this overlay
+                self.counters["internal_error"] += 1
+                log.exception("refresh failed; retrying at the next interval")
 
     @property
     def peer_id(self) -> PeerId:
@@ -210,27 +216,42 @@ class KademliaOverlay:
             raise OverlayError("the overlay is not listening yet: use `async with`")
         loop = asyncio.get_running_loop()
         started = loop.time()
-        silent = self.endpoint.silent_ids()
+        silent = self.endpoint.silent()
         machine = LookupMachine(
             int.from_bytes(target, "big"),
             self.peer_id,
-            [c for c in self.endpoint.closest(target, k + len(silent)) if c.peer_id not in silent],
+            [c for c in self.endpoint.closest(target, k + len(silent)) if c not in silent],
             k=k,
             alpha=self.config.alpha,
             stall_s=self.config.stall_s,
             radius=radius,
             skip=silent,
         )
+        complete = True
         try:
             async with asyncio.timeout(self.config.lookup_timeout_s):
                 await self._drive(machine, target, protocol)
+                contacts = await self._proven(machine.result())
         except TimeoutError:
             self.counters["lookup_budget_exceeded"] += 1
+            complete = False
+            contacts = [c for c in machine.result() if self.endpoint.is_verified(c)]
         duration = loop.time() - started
         self.lookup_durations.append(duration)
         return LookupResult(
-            target, machine.result(), machine.n_queries, machine.n_failures, duration
+            target, contacts, machine.n_queries, machine.n_failures, duration, complete
         )
+
+    async def _proven(self, contacts: list[Contact]) -> list[Contact]:
+        """The contacts whose ID is proven at their address; the others are pinged once now.
+
+        find_node replies are not signed (that would cost a signature per hop), so a reply can
+        name any ID at any address; only proven contacts may feed N^, samples or stores.
+        """
+        unproven = [c for c in contacts if not self.endpoint.is_verified(c)]
+        if unproven:
+            await asyncio.gather(*(self._try_ping(c.addr, c.peer_id) for c in unproven))
+        return [c for c in contacts if self.endpoint.is_verified(c)]
 
     async def _drive(self, machine: LookupMachine, target: bytes, protocol: DhtProtocol) -> None:
         loop = asyncio.get_running_loop()
@@ -241,7 +262,7 @@ class KademliaOverlay:
                 waiting[future] = c
             if machine.is_done or not waiting:
                 return
-            deadline = machine.next_deadline()
+            deadline = machine.next_deadline(now=loop.time())
             timeout = None if deadline is None else max(0.0, deadline - loop.time())
             done, _ = await asyncio.wait(
                 waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
@@ -305,9 +326,9 @@ class KademliaOverlay:
             "check --bootstrap (or P2PML_BOOTSTRAP) and that the seeds are running"
         )
 
-    async def _try_ping(self, addr: Address) -> Contact | None:
+    async def _try_ping(self, addr: Address, expected: PeerId | None = None) -> Contact | None:
         try:
-            return await self.ping(addr)
+            return await self.ping(addr, expected)
         except (PeerTimeout, WireFormatError) as err:
             log.debug("seed %s: %s", addr, err)
             return None
@@ -379,12 +400,21 @@ class KademliaOverlay:
                 return bytes(body["value"])
         return None
 
-    def save_contacts(self, path: Path) -> None:
-        """Write the routing table's contacts as JSON (never pickle), atomically."""
+    def contacts_document(self) -> str:
+        """The routing table's contacts as a JSON document (read on the loop thread)."""
         rows = [{"id": c.peer_id.hex(), "addr": str(c.addr)} for c in self.contacts()]
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"version": 1, "contacts": rows}, indent=1))
-        os.replace(tmp, path)
+        return json.dumps({"version": 1, "contacts": rows}, indent=1)
+
+    def save_contacts(self, path: Path) -> None:
+        """Write the contacts as JSON (never pickle) atomically; see `write_contacts`."""
+        write_contacts(path, self.contacts_document())
+
+
+def write_contacts(path: Path, document: str) -> None:
+    """Write a `contacts_document` atomically (safe to run in a worker thread)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(document)
+    os.replace(tmp, path)
 
 
 def load_contacts(path: Path) -> list[Address]:

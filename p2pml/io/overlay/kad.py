@@ -111,17 +111,30 @@ class HardenedTable(RoutingTable):  # type: ignore[misc]
             self.protocol.check_alive(to_contact(bucket.head()))
 
     def is_complete(self) -> bool:
-        """No bucket ever had to turn a contact away: the table holds everyone it has verified."""
+        """No bucket holds a contact it had to turn away: the table holds everyone it verified."""
         # A full bucket keeps the contacts it turns away as replacements, so none means none lost.
         return not any(b.replacement_nodes for b in self.buckets)
 
+    def holds(self, node: KNode) -> bool:
+        """The table has this ID at this very address (a claim about an ID elsewhere is not it)."""
+        bucket = self.buckets[self.get_bucket_for(node)]
+        held = bucket.nodes.get(node.id) or bucket.replacement_nodes.get(node.id)
+        return held is not None and (held.ip, held.port) == (node.ip, node.port)
+
+    def remove_contact(self, node: KNode) -> None:
+        """Remove `node`, but only where the table holds it at the same address."""
+        if self.holds(node):
+            self._misses.pop(node.id, None)
+            super().remove_contact(node)
+
     def note_miss(self, node: KNode) -> None:
+        if not self.holds(node):
+            return
         misses = self._misses.get(node.id, 0) + 1
         bucket = self.buckets[self.get_bucket_for(node)]
         if misses >= self._evict_after or bucket.replacement_nodes:
-            self._misses.pop(node.id, None)
             self.remove_contact(node)
-        elif node.id in bucket.nodes:
+        else:
             self._misses[node.id] = misses
 
 
@@ -231,8 +244,11 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         near = self.router.find_neighbors(
             KNode(key), self.ep.config.k + 4, exclude=KNode(sender, source.host, source.port)
         )
-        silent = self.ep.silent_ids()  # do not send others to contacts that stopped answering
-        return [[n.id, n.ip, n.port] for n in near if n.id not in silent][: self.ep.config.k]
+        # do not send others to contacts that stopped answering
+        silent = {(c.peer_id, c.addr.host, c.addr.port) for c in self.ep.silent()}
+        return [[n.id, n.ip, n.port] for n in near if (n.id, n.ip, n.port) not in silent][
+            : self.ep.config.k
+        ]
 
     def _rpc_find_value(self, msg_id: bytes, source: Address, sender: PeerId, key: bytes) -> object:
         value = self.storage.get(key, None)
@@ -257,6 +273,9 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         data = dht.encode_request(msg_id, name, [self.ep.peer_id, *args])
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
+        if self.transport.is_closing():  # closed (or failed): nothing will answer
+            future.set_result(TIMEOUT)
+            return msg_id, future
         timer = loop.call_later(self._wait_timeout, self._expire, msg_id)
         self._outstanding[msg_id] = (future, timer, contact)
         self.transport.sendto(data, (addr.host, addr.port))
@@ -265,7 +284,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
     def _expire(self, msg_id: bytes) -> None:
         future, _, contact = self._outstanding.pop(msg_id)
         self.ep.counters["rpc_timeouts"] += 1
-        if contact is not None:
+        if contact is not None:  # only this ID at this address missed (see HardenedTable.holds)
             self.ep.note_silent(contact)
             self.router.note_miss(to_knode(contact))
         if not future.done():

@@ -75,20 +75,30 @@ def test_estimate_rejects_bad_observations_naming_the_field(kwargs, field):
     assert info.value.field == field
 
 
+D = ID_SPACE // 10
+
+
 @pytest.mark.parametrize(
-    ("distances", "met_unknown", "complete", "exact"),
+    ("distances", "done", "n_known", "met_unknown", "table_complete", "exact"),
     [
-        ([ID_SPACE // 10, None], True, False, True),  # a lookup found under k nodes: count
-        ([ID_SPACE // 10] * 2, False, True, True),  # the table knows everyone: count
-        ([ID_SPACE // 10] * 2, True, True, False),  # a lookup met a stranger: estimate
-        ([ID_SPACE // 10] * 2, False, False, False),  # a bucket turned someone away: estimate
+        ([D, None], [True, True], 12, True, False, True),  # asked everyone, under k found: count
+        ([D, None], [True, False], 12, True, False, False),  # cut short by its budget: estimate
+        ([D, None], [True, True], 150, True, False, False),  # short, yet 150 known: estimate
+        ([D, D], [True, True], 42, False, True, True),  # the table knows everyone: count
+        ([D, D], [True, True], 42, True, True, False),  # a lookup met a stranger: estimate
+        ([D, D], [True, True], 42, False, False, False),  # a bucket turned someone away
     ],
 )
-def test_estimate_from_lookups_counts_only_when_the_table_knows_everyone(
-    distances, met_unknown, complete, exact
+def test_estimate_from_lookups_counts_only_when_everyone_is_known(
+    distances, done, n_known, met_unknown, table_complete, exact
 ):
     result = estimate_from_lookups(
-        distances, k=20, n_known=42, met_unknown=met_unknown, table_complete=complete
+        distances,
+        k=20,
+        n_known=n_known,
+        complete=done,
+        met_unknown=met_unknown,
+        table_complete=table_complete,
     )
     assert result.is_exact is exact
-    assert result.n_hat == (42 if exact else pytest.approx(19 * 10))
+    assert result.n_hat == (n_known if exact else pytest.approx(19 * 10))

@@ -82,7 +82,14 @@ def test_decode_contacts_round_trips():
         ({"a": 1}, "expected a list"),
         ([[SENDER, "127.0.0.1", 1]] * 21, "over the limit"),
         ([[SENDER, "127.0.0.1"]], "expected \\[id, ip, port\\]"),
-        ([[SENDER, "localhost", 4000]], "not an IP address"),
+        ([[SENDER, "localhost", 4000]], "not a canonical IP address"),
+        ([[SENDER, "::1%\x00", 4000]], "not a canonical IP address"),  # a zone sendto rejects
+        ([[SENDER, "fe80::1%eth0", 4000]], "not a canonical IP address"),
+        (
+            [[SENDER, "0:0:0:0:0:0:0:1", 4000]],
+            "not a canonical IP address",
+        ),  # replies come from ::1
+        ([[SENDER, "127.000.0.1", 4000]], "not a canonical IP address"),
         ([[SENDER, "127.0.0.1", 0]], "port"),
         ([[SENDER, "127.0.0.1", 70000]], "port"),
         ([[SENDER, "127.0.0.1", True]], "int port"),
@@ -150,6 +157,8 @@ def test_record_round_trips():
         ({"step": True}, "step"),
         ({"ts": 5}, "ts"),
         ({"http": "nohost"}, "http"),
+        ({"http": "127.0.0.1:\u00b2"}, "http port"),  # isdigit() but not int()
+        ({"http": "127.0.0.1:123456"}, "http port"),
         ({"key": b"short"}, "key"),
         ({"extra": 1}, "fields"),
     ],

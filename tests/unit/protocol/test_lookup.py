@@ -79,8 +79,9 @@ def test_stalled_query_frees_its_slot_after_stall_s(rng):
     first = machine.next_queries(now=0.0)
     assert len(first) == 1
     assert machine.next_queries(now=0.1) == []
-    assert machine.next_deadline() == pytest.approx(0.2)
+    assert machine.next_deadline(now=0.1) == pytest.approx(0.2)
     assert len(machine.next_queries(now=0.2)) == 1  # the first one is still unanswered
+    assert machine.next_deadline(now=0.2) == pytest.approx(0.4)  # only the new query's stall
 
 
 def test_reply_without_a_query_is_unexpected(rng):
@@ -137,3 +138,11 @@ def test_stalled_query_makes_the_lookup_ask_one_more_contact(rng):
     assert not machine.is_done  # the stalled one may still answer
     machine.on_failure(asked[0].peer_id, now=0.5)
     assert machine.is_done and machine.result() == closest[1:]
+
+
+def test_next_deadline_is_none_once_every_query_has_stalled(rng):
+    net = _net(rng, 5)
+    machine = LookupMachine(0, PeerId(b"\x00" * 20), net[:1], k=1, alpha=1, stall_s=0.1)
+    machine.next_queries(now=0.0)
+    assert machine.next_deadline(now=0.05) == pytest.approx(0.1)
+    assert machine.next_deadline(now=0.1) is None  # a deadline in the past would spin the driver
