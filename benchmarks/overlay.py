@@ -134,7 +134,7 @@ def main() -> int:
     parser.add_argument("--probe-nodes", type=int, default=20)
     args = parser.parse_args()
     logging.disable(logging.CRITICAL)  # stock kademlia logs every timeout at ERROR
-    console = Console()
+    console = Console(width=120)
     with console.status("stock kademlia ..."):
         base = asyncio.run(stock(args.nodes, args.lookups, args.probe_nodes, random.Random(7)))
     with console.status("p2pml ..."):

@@ -14,7 +14,7 @@ favours nodes in small zones; one member per accepted zone keeps draws i.i.d.
 
 b is chosen from N^ so that a zone holds about `MEAN_ZONE` nodes: one lookup for k = cap closest
 nodes enumerates the zone completely unless it has cap or more members, which at a mean of 5-10 and
-cap = 20 happens for under 0.2 % of zones (such a zone is accepted with probability 1 and counted).
+cap = 20 happens for under 0.4 % of zones (such a zone is accepted with probability 1 and counted).
 Any b gives exact uniformity; N^ only affects the cost.
 
 `PeerPool` keeps recent draws (i.i.d. uniform entries). A barrier takes random positions, skipping
