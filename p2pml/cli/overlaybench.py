@@ -21,6 +21,7 @@ from p2pml.cli.output import console, write_json
 from p2pml.core.config import DEFAULT_RPC_TIMEOUT_S, OverlayConfig
 from p2pml.errors import ConfigError
 from p2pml.io.overlaybench import run_overlay_bench
+from p2pml.report.plots import plot_overlay
 from p2pml.report.tables import make_progress
 
 __all__ = ["overlay"]
@@ -78,6 +79,9 @@ def overlay(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the result as JSON.")
     ] = None,
+    plot_path: Annotated[
+        Path | None, typer.Option("--plot", help="Write N^ errors and draw counts as a PNG.")
+    ] = None,
 ) -> None:
     """Start N overlay nodes in this process and measure join, lookups, N^, sampling, memory."""
     if not 3 <= nodes <= MAX_NODES:
@@ -93,6 +97,7 @@ def overlay(
     except ConfigError as err:
         raise bad_flag("--rpc-timeout", rpc_timeout, err.allowed) from None
     check_writable(json_path, "--json")
+    check_writable(plot_path, "--plot")
     logging.getLogger("p2pml").setLevel(logging.ERROR)  # dead nodes are the point: no warnings
     with make_progress(console) as progress:
         tasks: dict[str, object] = {}
@@ -117,3 +122,18 @@ def overlay(
     if json_path is not None:
         write_json(json_path, result)  # type: ignore[arg-type]
         console.print(f"JSON: {json_path}")
+    if plot_path is not None:
+        _plot(result, plot_path)
+        console.print(f"plot: {plot_path}")
+
+
+def _plot(result: dict[str, object], path: Path) -> None:
+    est, samp = result["estimate"], result["sampling"]
+    assert isinstance(est, dict) and isinstance(samp, dict)
+    counts = [(int(o), float(e)) for o, e in samp.get("counts", [])]
+    title = (
+        f"{result['nodes']} nodes ({result['dead_fraction']:.0%} stopped), L = {result['lookups']}"
+        f": N^ median |error| {est['median_abs_error']:.1%}; {samp['draws']} draws, "
+        f"chi-square p = {samp.get('chi2_p', float('nan')):.3g}"
+    )
+    plot_overlay(est["errors"], counts, path, expected_error=est["expected_rel_error"], title=title)

@@ -63,7 +63,9 @@ async def _join_all(
     return nodes
 
 
-async def _draw(nodes: list[KademliaOverlay], n_draws: int, progress: Progress) -> dict[str, float]:
+async def _draw(
+    nodes: list[KademliaOverlay], n_draws: int, progress: Progress
+) -> dict[str, object]:
     """Uniform draws from the nodes in turn; the chi-square p of the counts per peer."""
     counts: Counter[PeerId] = Counter()
     per_node: Counter[PeerId] = Counter()
@@ -89,6 +91,7 @@ async def _draw(nodes: list[KademliaOverlay], n_draws: int, progress: Progress) 
     return {
         "draws": n_draws,
         "chi2_p": chi_square_p(observed, expected),
+        "counts": [[o, e] for o, e in zip(observed, expected, strict=True)],
         "draws_of_dead_nodes": float(sum(c for p, c in counts.items() if p not in live)),
     }
 
@@ -166,6 +169,7 @@ async def run_overlay_bench(
             "rmse": math.sqrt(statistics.fmean(e * e for e in errors)),
             "mean_error": statistics.fmean(errors),
             "expected_rel_error": relative_error(n_lookups, config.k),
+            "errors": errors,
         },
         "sampling": sampling,
         "memory_mib_per_node": memory,

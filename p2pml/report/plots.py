@@ -14,7 +14,7 @@ import numpy as np
 
 from p2pml.core.bounds import BoundCurve
 
-__all__ = ["plot_bounds", "plot_step_cdf"]
+__all__ = ["plot_bounds", "plot_overlay", "plot_step_cdf"]
 
 
 def plot_step_cdf(curves: Sequence[tuple[str, Sequence[int]]], path: Path, *, title: str) -> None:
@@ -58,6 +58,51 @@ def plot_bounds(curves: Sequence[BoundCurve], path: Path, *, staleness: int, len
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle(f"PSP convergence bounds, r = {staleness}, T = {length}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_overlay(
+    errors: Sequence[float],
+    counts: Sequence[tuple[int, float]],
+    path: Path,
+    *,
+    expected_error: float,
+    title: str,
+) -> None:
+    """Write a PNG of an overlay run: N^ errors per node, and uniform-draw counts per peer.
+
+    Args:
+        errors: per node, (N^ - N) / N.
+        counts: per peer, (times drawn, times expected).
+        expected_error: the estimator's expected relative error, drawn as a band.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
+    ax = axes[0]
+    ax.hist(np.asarray(errors) * 100, bins=30, color="tab:blue", alpha=0.8)
+    for sign in (-1, 1):
+        ax.axvline(sign * expected_error * 100, color="tab:red", ls="--", lw=1)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("N^ error per node, % of true N (dashed: ±1/√(L(k−2)))")
+    ax.set_ylabel("nodes")
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    if counts:
+        observed = np.asarray([c for c, _ in counts], dtype=float)
+        expected = np.asarray([e for _, e in counts], dtype=float)
+        order = np.argsort(observed / expected)
+        ratio = (observed / expected)[order]
+        band = 2 / np.sqrt(expected[order])
+        xs = np.arange(len(ratio))
+        ax.fill_between(xs, 1 - band, 1 + band, color="tab:green", alpha=0.2, label="±2σ (Poisson)")
+        ax.plot(xs, ratio, ".", color="tab:blue", ms=3, label="drawn / expected")
+        ax.axhline(1, color="black", lw=0.8)
+        ax.legend(fontsize=8)
+    ax.set_xlabel("peers, sorted by how often they were drawn")
+    ax.set_ylabel("times drawn / times expected")
+    ax.grid(alpha=0.3)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

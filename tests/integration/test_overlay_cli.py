@@ -166,6 +166,8 @@ def test_bench_overlay_writes_the_contract_fields(tmp_path):
         "0.1",
         "--json",
         str(out),
+        "--plot",
+        str(tmp_path / "overlay.png"),
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
@@ -187,3 +189,5 @@ def test_bench_overlay_writes_the_contract_fields(tmp_path):
     assert result["sampling"]["draws"] == 300 and 0 <= result["sampling"]["chi2_p"] <= 1
     assert result["sampling"]["dead_in_samples"] == 0
     assert "join s per node" in done.stdout
+    assert (tmp_path / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(result["estimate"]["errors"]) == 14 and len(result["sampling"]["counts"]) == 14
