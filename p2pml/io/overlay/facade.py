@@ -203,12 +203,19 @@ class KademliaOverlay:
 
     # -- lookups ---------------------------------------------------------------------------------
     async def lookup(
-        self, target: bytes, *, k: int | None = None, radius: int | None = None
+        self,
+        target: bytes,
+        *,
+        k: int | None = None,
+        radius: int | None = None,
+        prove: bool = True,
     ) -> LookupResult:
         """Find the k closest live nodes to `target`; never waits on a dead contact's round.
 
         With `radius`, enumerate the zone within that XOR distance instead (see `LookupMachine`).
-        A lookup that runs out of its budget (`lookup_timeout_s`) returns what it has.
+        With `prove` (the default), every contact returned has proven its ID; a lookup run only
+        to fill the routing table skips that (the table admits proven contacts anyway). A lookup
+        that runs out of its budget (`lookup_timeout_s`) returns what it has.
         """
         k = k or self.config.k
         protocol = self.endpoint.protocol
@@ -231,7 +238,7 @@ class KademliaOverlay:
         try:
             async with asyncio.timeout(self.config.lookup_timeout_s):
                 await self._drive(machine, target, protocol)
-                contacts = await self._proven(machine.result())
+                contacts = await self._proven(machine.result()) if prove else machine.result()
         except TimeoutError:
             self.counters["lookup_budget_exceeded"] += 1
             complete = False
@@ -302,7 +309,7 @@ class KademliaOverlay:
             answers = await asyncio.gather(*(self._try_ping(a) for a in addrs))
             reached = [c for c in answers if c is not None and c.peer_id != self.peer_id]
             if reached:
-                await self.lookup(self.peer_id)
+                await self.lookup(self.peer_id, prove=False)
                 await self.refresh_buckets(every=True)
                 # joined = the table holds what the join found: wait for the identity checks
                 with contextlib.suppress(TimeoutError):
@@ -358,7 +365,7 @@ class KademliaOverlay:
             for b in self.endpoint.table.buckets
             if not b.has_in_range(self.endpoint.knode) and (every or now - b.last_updated > idle_s)
         ]
-        await asyncio.gather(*(self.lookup(t) for t in targets))
+        await asyncio.gather(*(self.lookup(t, prove=False) for t in targets))
 
     async def refresh(self) -> None:
         """One refresh round: the estimate, the sample pool and idle buckets."""
