@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -139,6 +140,7 @@ def seed(
 
 
 async def _look(config: OverlayConfig, seeds: list[Address], n_sample: int) -> dict[str, object]:
+    config = dataclasses.replace(config, refresh_after_join=False)  # it refreshes by itself below
     async with KademliaOverlay(config, NodeKey.generate()) as overlay:
         await overlay.bootstrap(seeds)
         estimate = await overlay.membership.estimate_now()

@@ -245,6 +245,8 @@ class OverlayConfig:
         evict_after_misses: consecutive unanswered RPCs after which a contact leaves the table
             (at once when a replacement is waiting).
         refresh_interval_s: how often the estimate, the sample pool and idle buckets refresh.
+        refresh_after_join: run the first refresh as soon as the node has joined, rather than
+            one interval later (so N^ and the pool are ready within seconds).
         estimate_lookups: L, the random lookups averaged into N^ per refresh.
         pool_draws: uniform draws added to the sample pool per refresh.
         pool_capacity: draws the pool keeps.
@@ -264,6 +266,7 @@ class OverlayConfig:
     lookup_timeout_s: float = 5.0
     evict_after_misses: int = 2
     refresh_interval_s: float = 60.0
+    refresh_after_join: bool = True
     estimate_lookups: int = 16
     pool_draws: int = 16
     pool_capacity: int = 64
@@ -299,4 +302,10 @@ class OverlayConfig:
             value = getattr(self, name)
             _require(_is_finite(value) and value > 0, name, value, "a finite number > 0")
         _require(self.k <= 64, "k", self.k, "at most 64 (replies must fit one datagram)")
+        _require(
+            isinstance(self.refresh_after_join, bool),
+            "refresh_after_join",
+            self.refresh_after_join,
+            "true or false",
+        )
         return self

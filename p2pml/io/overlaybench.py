@@ -120,7 +120,11 @@ async def run_overlay_bench(
     """Run the whole measurement; returns the JSON document of ``p2pml bench overlay``."""
     rng = random.Random(seed)
     config = replace(
-        config, estimate_lookups=n_lookups, refresh_interval_s=3600.0, pool_draws=POOL_DRAWS
+        config,
+        estimate_lookups=n_lookups,
+        refresh_interval_s=3600.0,
+        refresh_after_join=False,  # each node refreshes once, measured, after all have joined
+        pool_draws=POOL_DRAWS,
     )
     started = time.perf_counter()
     async with AsyncExitStack() as stack:

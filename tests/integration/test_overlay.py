@@ -23,7 +23,9 @@ from p2pml.protocol.identity import NodeKey, peer_id_of
 
 pytestmark = pytest.mark.integration
 
-FAST = OverlayConfig(rpc_timeout_s=0.2, stall_s=0.05, refresh_interval_s=3600.0)
+FAST = OverlayConfig(
+    rpc_timeout_s=0.2, stall_s=0.05, refresh_interval_s=3600.0, refresh_after_join=False
+)
 
 
 @pytest.fixture
@@ -443,3 +445,14 @@ async def test_a_request_claiming_another_nodes_id_cannot_evict_it(loop_errors):
         held = next(c for c in a.contacts() if c.peer_id == b.peer_id)
         assert held.addr == b.addr
     assert loop_errors == []
+
+
+async def test_a_joined_node_refreshes_at_once_in_the_background():
+    config = dataclasses.replace(FAST, refresh_after_join=True)
+    async with swarm(5) as nodes:
+        cfg = dataclasses.replace(config, listen=Address(loopback_host(10), 0))
+        async with KademliaOverlay(cfg, NodeKey.generate()) as late:
+            assert late.estimate is None
+            await late.bootstrap([nodes[0].addr])
+            await wait_for(lambda: late.estimate is not None)
+            assert late.estimate is not None and late.estimate.n_hat == 6

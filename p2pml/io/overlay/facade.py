@@ -81,6 +81,7 @@ class KademliaOverlay:
         self.lookup_durations: deque[float] = deque(maxlen=1024)
         self._tg: asyncio.TaskGroup | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self._joined = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def __aenter__(self) -> KademliaOverlay:
@@ -104,8 +105,15 @@ class KademliaOverlay:
             await self.endpoint.close()
 
     async def _refresh_loop(self) -> None:
+        first = True
         while True:
-            await asyncio.sleep(self.config.refresh_interval_s)
+            if first and self.config.refresh_after_join:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.refresh_interval_s):
+                        await self._joined.wait()
+            else:
+                await asyncio.sleep(self.config.refresh_interval_s)
+            first = False
             try:
                 await self.refresh()
             except P2PMLError as err:
@@ -315,6 +323,7 @@ class KademliaOverlay:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(2 * self.config.rpc_timeout_s):
                         await self.endpoint.verifications_done()
+                self._joined.set()
                 log.info(
                     "%s joined through %d seed(s); %d contacts",
                     self.short_id,
