@@ -102,12 +102,13 @@ class HardenedTable(RoutingTable):  # type: ignore[misc]
         index = self.get_bucket_for(node)
         bucket = self.buckets[index]
         bucket.touch_last_updated()  # heard from this range: it needs no refresh lookup
+        waiting = node.id in bucket.replacement_nodes
         if bucket.add_node(node):
             return
         if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
             self.split_bucket(index)
             self.add_contact(node)
-        else:  # full: the newcomer waits as a replacement while the head is checked
+        elif not waiting:  # full: a new replacement waits while the head is checked (once)
             self.protocol.check_alive(to_contact(bucket.head()))
 
     def is_complete(self) -> bool:
