@@ -23,10 +23,7 @@ from p2pml.cli.output import console, write_json
 from p2pml.core.config import DEFAULT_RPC_TIMEOUT_S, OverlayConfig
 from p2pml.core.types import Address
 from p2pml.errors import ConfigError, OverlayError, PeerTimeout, WireFormatError
-from p2pml.io.overlay import KademliaOverlay
 from p2pml.log import setup_logging
-from p2pml.node.seed import run_seed
-from p2pml.protocol.identity import NodeKey
 
 __all__ = ["parse_bootstrap", "peers", "seed"]
 
@@ -112,6 +109,9 @@ def seed(
     ] = DEFAULT_RPC_TIMEOUT_S,
 ) -> None:
     """Run a long-lived seed node: DHT only, no training. Stop with Ctrl-C or SIGTERM."""
+    from p2pml.node.seed import run_seed  # the DHT stack loads only for the commands using it
+    from p2pml.protocol.identity import NodeKey
+
     config = _config(listen, advertise, rpc_timeout)
     seeds = parse_bootstrap(bootstrap)
     check_writable(contacts, "--contacts")
@@ -140,6 +140,9 @@ def seed(
 
 
 async def _look(config: OverlayConfig, seeds: list[Address], n_sample: int) -> dict[str, object]:
+    from p2pml.io.overlay import KademliaOverlay
+    from p2pml.protocol.identity import NodeKey
+
     config = dataclasses.replace(config, refresh_after_join=False)  # it refreshes by itself below
     async with KademliaOverlay(config, NodeKey.generate()) as overlay:
         await overlay.bootstrap(seeds)

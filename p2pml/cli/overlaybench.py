@@ -20,8 +20,6 @@ from p2pml.cli.args import bad_flag, check_writable
 from p2pml.cli.output import console, write_json
 from p2pml.core.config import DEFAULT_RPC_TIMEOUT_S, OverlayConfig
 from p2pml.errors import ConfigError
-from p2pml.io.overlaybench import run_overlay_bench
-from p2pml.report.plots import plot_overlay
 from p2pml.report.tables import make_progress
 
 __all__ = ["overlay"]
@@ -98,6 +96,8 @@ def overlay(
         raise bad_flag("--rpc-timeout", rpc_timeout, err.allowed) from None
     check_writable(json_path, "--json")
     check_writable(plot_path, "--plot")
+    from p2pml.io.overlaybench import run_overlay_bench  # the DHT stack: only when it runs
+
     logging.getLogger("p2pml").setLevel(logging.ERROR)  # dead nodes are the point: no warnings
     with make_progress(console) as progress:
         tasks: dict[str, object] = {}
@@ -128,6 +128,8 @@ def overlay(
 
 
 def _plot(result: dict[str, object], path: Path) -> None:
+    from p2pml.report.plots import plot_overlay  # matplotlib: only when a plot is asked for
+
     est, samp = result["estimate"], result["sampling"]
     assert isinstance(est, dict) and isinstance(samp, dict)
     counts = [(int(o), float(e)) for o, e in samp.get("counts", [])]
