@@ -130,10 +130,6 @@ class PeerPool:
         self._entries.clear()
         self._entries.extend(kept)
 
-    def expire(self, *, now: float, max_age_s: float) -> None:
-        while self._entries and now - self._entries[0][1] > max_age_s:
-            self._entries.popleft()
-
     def distinct(self) -> list[PeerId]:
         return sorted({p for p, _ in self._entries})
 

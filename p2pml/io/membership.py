@@ -92,10 +92,6 @@ class Membership:
             e.n_hat, e.n_lookups, e.k, e.rel_error, time.monotonic() - self._estimate_at
         )
 
-    @property
-    def pool_size(self) -> int:
-        return len(self._pool.distinct())
-
     async def refresh(self) -> None:
         """Drop dead peers, re-estimate N and top up the pool with fresh uniform draws."""
         await self.check_pool()
@@ -106,7 +102,9 @@ class Membership:
     async def estimate_now(self) -> EstimateView | None:
         """Run L random lookups, update N^ and take each lookup as one zone draw for the pool."""
         k, overlay = self._config.k, self._overlay
-        bits = self._bits()  # fixed before the targets are drawn, so zones stay exactly uniform
+        # b is fixed before the targets are drawn, so zones stay exactly uniform; with no estimate
+        # yet there is no b (b = 0 would make every lookup one overflowing zone): no draws then
+        bits = self._bits() if self._estimate is not None else None
         before = {c.peer_id for c in overlay.contacts()}  # lookups add the nodes they meet
         targets = [choose_zone(overlay.rng) for _ in range(self._config.estimate_lookups)]
         results = await _bounded(
@@ -122,7 +120,8 @@ class Membership:
             table_complete=overlay.table_is_complete(),
         )
         self._estimate_at = time.monotonic()
-        await self._accept_draws(results, bits)
+        if bits is not None:
+            await self._accept_draws(results, bits)
         return self.estimate
 
     def _bits(self) -> int:

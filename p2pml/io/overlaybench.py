@@ -155,6 +155,8 @@ async def run_overlay_bench(
         )
         sampling = await _draw(live, n_draws, progress) if n_draws else {"draws": 0}
         sampling["dead_in_samples"] = dead_in_samples
+        # zones with k or more members, accepted with probability 1 (a slight bias; should be rare)
+        sampling["overflow_zones"] = sum(node.membership.n_overflow_zones for node in live)
         absolute = [abs(e) for e in errors]
     return {
         "nodes": n_nodes,
