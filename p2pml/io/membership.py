@@ -81,6 +81,7 @@ class Membership:
         self.records: dict[PeerId, NodeRecord] = {}
         self._estimate: PopulationEstimate | None = None
         self._estimate_at = 0.0
+        self.n_zone_draws = 0
         self.n_overflow_zones = 0
 
     @property
@@ -102,9 +103,11 @@ class Membership:
     async def estimate_now(self) -> EstimateView | None:
         """Run L random lookups, update N^ and take each lookup as one zone draw for the pool."""
         k, overlay = self._config.k, self._overlay
-        # b is fixed before the targets are drawn, so zones stay exactly uniform; with no estimate
-        # yet there is no b (b = 0 would make every lookup one overflowing zone): no draws then
-        bits = self._bits() if self._estimate is not None else None
+        # b is fixed before the targets are drawn, so zones stay exactly uniform. With no estimate
+        # yet, or only a small exact count, b could be far too small (b = 0 makes every lookup one
+        # overflowing zone): no draws this round then; fill_pool draws with the new estimate.
+        previous = self._estimate
+        bits = self._bits() if previous is not None and not previous.is_exact else None
         before = {c.peer_id for c in overlay.contacts()}  # lookups add the nodes they meet
         targets = [choose_zone(overlay.rng) for _ in range(self._config.estimate_lookups)]
         results = await _bounded(
@@ -125,7 +128,9 @@ class Membership:
         return self.estimate
 
     def _bits(self) -> int:
-        return zone_bits(self._estimate.n_hat if self._estimate is not None else 0.0)
+        # zones of about k/4 (to k/2) nodes: a lookup for the k closest nearly always holds one whole
+        n_hat = self._estimate.n_hat if self._estimate is not None else 0.0
+        return zone_bits(n_hat, mean_zone=max(1.0, self._config.k / 4))
 
     async def _accept_draws(self, results: Sequence[LookupResult], bits: int) -> int:
         chosen: list[Contact] = []
@@ -139,6 +144,7 @@ class Membership:
                 cap=self._config.k,
                 rng=self._overlay.rng,
             )
+            self.n_zone_draws += 1
             self.n_overflow_zones += draw.overflow
             if draw.chosen is not None:
                 chosen.append(by_id[draw.chosen])

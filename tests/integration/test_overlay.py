@@ -456,3 +456,21 @@ async def test_a_joined_node_refreshes_at_once_in_the_background():
             await late.bootstrap([nodes[0].addr])
             await wait_for(lambda: late.estimate is not None)
             assert late.estimate is not None and late.estimate.n_hat == 6
+
+
+async def test_pool_draws_wait_for_an_estimate_so_zones_are_never_the_whole_space():
+    config = dataclasses.replace(FAST, k=8, pool_draws=8)
+    async with swarm(80, config) as nodes:
+        estimating = []
+        for node in nodes[40:50]:
+            await node.refresh()  # the first round has no estimate to size zones with
+            await node.refresh()
+            if node.estimate is not None and not node.estimate.is_exact:
+                estimating.append(node)
+        assert estimating
+        draws = sum(n.membership.n_zone_draws for n in estimating)
+        overflows = sum(n.membership.n_overflow_zones for n in estimating)
+        # sized zones overflow a k = 8 lookup rarely; zones of the whole space always would
+        assert draws > 0 and overflows <= 0.05 * draws, (overflows, draws)
+        for node in estimating:
+            assert len(node.sample_peers(4)) == 4
