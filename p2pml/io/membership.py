@@ -128,7 +128,7 @@ class Membership:
         return self.estimate
 
     def _bits(self) -> int:
-        # zones of about k/4 (to k/2) nodes: a lookup for the k closest nearly always holds one whole
+        # zones of about k/4 to k/2 nodes: a lookup for the k closest nearly always holds one
         n_hat = self._estimate.n_hat if self._estimate is not None else 0.0
         return zone_bits(n_hat, mean_zone=max(1.0, self._config.k / 4))
 
