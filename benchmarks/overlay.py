@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 import random
 import statistics
 import sys
@@ -29,22 +28,15 @@ from rich.console import Console
 from rich.table import Table
 
 from p2pml.core.config import OverlayConfig
-from p2pml.io.overlaybench import loopback_host, run_overlay_bench
+from p2pml.core.estimate import estimate_population
+from p2pml.io.overlaybench import loopback_host, quantile, run_overlay_bench
 
 K = 20
-ID_SPACE = 1 << 160
 
 
-def _estimate(self_id: int, target: int, found: Sequence[int]) -> float | None:
+def _kth_distance(self_id: int, target: int, found: Sequence[int]) -> int | None:
     distances = sorted({self_id ^ target, *(f ^ target for f in found)})
-    if len(distances) < K:
-        return None
-    return (K - 1) * ID_SPACE / max(distances[K - 1], 1)
-
-
-def _q(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+    return distances[K - 1] if len(distances) >= K else None
 
 
 async def _stock_lookup(server: Server, target: int) -> tuple[list[int], float]:
@@ -68,13 +60,16 @@ async def stock(n: int, lookups: int, probes: int, rng: random.Random) -> dict[s
     join = (time.perf_counter() - started) / n
     errors = []
     for server in rng.sample(servers, probes):
-        terms = []
+        distances, most = [], 0
         for _ in range(lookups):
             target = rng.getrandbits(160)
             found, _ = await _stock_lookup(server, target)
-            term = _estimate(server.node.long_id, target, found)
-            terms.append(term if term is not None else float(len(found) + 1))
-        errors.append(abs(statistics.fmean(terms) - n) / n)
+            distances.append(_kth_distance(server.node.long_id, target, found))
+            most = max(most, len(found) + 1)
+        known = [d for d in distances if d is not None]
+        estimate = estimate_population(known, k=K) if known else None
+        n_hat = estimate.n_hat if estimate is not None else float(most)
+        errors.append(abs(n_hat - n) / n)
     dead = set(rng.sample(range(1, n), n // 10))
     for i in dead:
         servers[i].stop()
@@ -87,9 +82,9 @@ async def stock(n: int, lookups: int, probes: int, rng: random.Random) -> dict[s
     return {
         "join": join,
         "median_err": statistics.median(errors),
-        "p95_err": _q(errors, 0.95),
+        "p95_err": quantile(errors, 0.95),
         "dead_p50": statistics.median(latencies),
-        "dead_p95": _q(latencies, 0.95),
+        "dead_p95": quantile(latencies, 0.95),
     }
 
 
@@ -97,25 +92,18 @@ async def ours(n: int, lookups: int) -> dict[str, float]:
     def quiet(stage: str, done: int, total: int) -> None:
         pass
 
-    config = OverlayConfig()
-    healthy = await run_overlay_bench(
-        n_nodes=n,
-        n_lookups=lookups,
-        dead_fraction=0.0,
-        n_draws=0,
-        config=config,
-        seed=1,
-        progress=quiet,
-    )
-    dead = await run_overlay_bench(
-        n_nodes=n,
-        n_lookups=lookups,
-        dead_fraction=0.1,
-        n_draws=0,
-        config=config,
-        seed=2,
-        progress=quiet,
-    )
+    healthy, dead = [
+        await run_overlay_bench(
+            n_nodes=n,
+            n_lookups=lookups,
+            dead_fraction=fraction,
+            n_draws=0,
+            config=OverlayConfig(),
+            seed=seed,
+            progress=quiet,
+        )
+        for fraction, seed in ((0.0, 1), (0.1, 2))
+    ]
     estimate = healthy["estimate"]
     assert isinstance(estimate, dict)
     return {

@@ -204,11 +204,7 @@ class Membership:
                 self._overlay.forget(contact)
 
     async def _is_alive(self, contact: Contact) -> bool:
-        try:
-            await self._overlay.ping(contact.addr, contact.peer_id)
-        except (PeerTimeout, WireFormatError):
-            return False
-        return True
+        return await self._overlay.try_ping(contact.addr, contact.peer_id) is not None
 
     def drop(self, peer_id: PeerId) -> None:
         """Forget a peer that failed an RPC (a barrier's step RPC, say)."""

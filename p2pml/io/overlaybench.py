@@ -26,7 +26,7 @@ from p2pml.core.uniformity import chi_square_p
 from p2pml.io.overlay import KademliaOverlay
 from p2pml.protocol.identity import NodeKey
 
-__all__ = ["Progress", "loopback_host", "run_overlay_bench"]
+__all__ = ["Progress", "loopback_host", "quantile", "run_overlay_bench"]
 
 Progress = Callable[[str, int, int], None]
 DRAW_CONCURRENCY = 8
@@ -44,7 +44,8 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _quantile(values: list[float], q: float) -> float:
+def quantile(values: list[float], q: float) -> float:
+    """The nearest-rank q-quantile of `values` (not interpolated: always one of the values)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
@@ -164,14 +165,14 @@ async def run_overlay_bench(
         "lookups": n_lookups,
         "join_s_per_node": join_s,
         "lookup_p50_s": statistics.median(durations),
-        "lookup_p95_s": _quantile(durations, 0.95),
+        "lookup_p95_s": quantile(durations, 0.95),
         "rpc_timeout_s": config.rpc_timeout_s,
         "barrier_check_p50_s": statistics.median(checks) if checks else None,
-        "barrier_check_p95_s": _quantile(checks, 0.95) if checks else None,
+        "barrier_check_p95_s": quantile(checks, 0.95) if checks else None,
         "estimate": {
             "true_n": len(live),
             "median_abs_error": statistics.median(absolute),
-            "p95_abs_error": _quantile(absolute, 0.95),
+            "p95_abs_error": quantile(absolute, 0.95),
             "rmse": math.sqrt(statistics.fmean(e * e for e in errors)),
             "mean_error": statistics.fmean(errors),
             "expected_rel_error": relative_error(n_lookups, config.k),

@@ -7,6 +7,7 @@ import logging
 import socket
 import time
 from collections import Counter, OrderedDict
+from collections.abc import KeysView
 from typing import Final
 
 from p2pml.core.config import OverlayConfig
@@ -56,10 +57,8 @@ class DhtEndpoint:
         self.protocol: DhtProtocol | None = None
         self.addr: Address | None = None
         self._verified: OrderedDict[Address, PeerId] = OrderedDict()
-        self._verifying: set[Address] = set()
+        self._verifying: dict[Address, asyncio.Future[None]] = {}
         self._silent: OrderedDict[Contact, float] = OrderedDict()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._last_warn: dict[str, float] = {}
 
     async def open(self) -> Address:
@@ -126,12 +125,15 @@ class DhtEndpoint:
         while len(self._silent) > MAX_SILENT:
             self._silent.popitem(last=False)
 
-    def silent(self) -> set[Contact]:
-        """Contacts (ID at address) that missed a reply within the last refresh interval."""
+    def silent(self) -> KeysView[Contact]:
+        """Contacts (ID at address) that missed a reply within the last refresh interval.
+
+        A live view, not a copy: it is read on every find_node and lookup.
+        """
         horizon = time.monotonic() - self.config.refresh_interval_s
         while self._silent and next(iter(self._silent.values())) < horizon:
             self._silent.popitem(last=False)
-        return set(self._silent)
+        return self._silent.keys()
 
     def heard_from(self, contact: Contact) -> None:
         """A contact answered us or asked us something: refresh it, or check who it is."""
@@ -144,36 +146,51 @@ class DhtEndpoint:
         else:
             self.verify(contact)
 
-    def verify(self, contact: Contact, *, force: bool = False) -> None:
-        """Ping `contact`; add it to the table only if its signed reply proves its ID."""
-        if contact.addr in self._verifying or (self.is_verified(contact) and not force):
-            return
+    def verify(self, contact: Contact, *, force: bool = False) -> asyncio.Future[None] | None:
+        """Ping `contact`; add it to the table only if its signed reply proves its ID.
+
+        Returns the check in flight for that address (a new one or the one already running),
+        which ends within the RPC timeout, or None when there is nothing to check or no room.
+        """
+        pending = self._verifying.get(contact.addr)
+        if pending is not None or (self.is_verified(contact) and not force):
+            return pending
         if len(self._verifying) >= self.config.max_pending_verifications and not force:
             self.counters["verify_dropped"] += 1
-            return
+            return None
         assert self.protocol is not None, "open() first"
-        self._verifying.add(contact.addr)
-        self._idle.clear()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._verifying[contact.addr] = done
         msg_id, future = self.protocol.request(contact.addr, "ping", [], contact)
         future.add_done_callback(lambda f: self._verified_reply(contact, msg_id, f.result()))
+        return done
+
+    async def prove(self, contact: Contact) -> bool:
+        """Whether `contact` is this ID at this address, checking it (once) if not known yet."""
+        pending = self.verify(contact, force=not self.is_verified(contact))
+        if pending is not None:
+            await pending
+        return self.is_verified(contact)
 
     async def verifications_done(self) -> None:
         """Wait until no identity check is in flight (each ends within the RPC timeout)."""
-        await self._idle.wait()
+        while self._verifying:
+            await asyncio.wait(list(self._verifying.values()))
 
     def _verified_reply(self, contact: Contact, msg_id: bytes, body: object) -> None:
-        self._verifying.discard(contact.addr)
-        if not self._verifying:
-            self._idle.set()
-        if body is TIMEOUT:  # the request's own timer already counted the miss
-            return
+        done = self._verifying.pop(contact.addr)
         try:
-            dht.open_signed(body, "ping", msg_id, contact.peer_id)
-        except WireFormatError as err:
-            self.reject("forged_id", contact.addr.host, err)
-            self.table.remove_contact(to_knode(contact))
-            return
-        self.mark_verified(contact)
+            if body is TIMEOUT:  # the request's own timer already counted the miss
+                return
+            try:
+                dht.open_signed(body, "ping", msg_id, contact.peer_id)
+            except WireFormatError as err:
+                self.reject("forged_id", contact.addr.host, err)
+                self.table.remove_contact(to_knode(contact))
+                return
+            self.mark_verified(contact)
+        finally:
+            done.set_result(None)
 
     def mark_verified(self, contact: Contact) -> None:
         self._verified[contact.addr] = contact.peer_id

@@ -258,15 +258,13 @@ class KademliaOverlay:
         )
 
     async def _proven(self, contacts: list[Contact]) -> list[Contact]:
-        """The contacts whose ID is proven at their address; the others are pinged once now.
+        """The contacts whose ID is proven at their address, joining checks already in flight.
 
         find_node replies are not signed (that would cost a signature per hop), so a reply can
         name any ID at any address; only proven contacts may feed N^, samples or stores.
         """
-        unproven = [c for c in contacts if not self.endpoint.is_verified(c)]
-        if unproven:
-            await asyncio.gather(*(self._try_ping(c.addr, c.peer_id) for c in unproven))
-        return [c for c in contacts if self.endpoint.is_verified(c)]
+        proven = await asyncio.gather(*(self.endpoint.prove(c) for c in contacts))
+        return [c for c, ok in zip(contacts, proven, strict=True) if ok]
 
     async def _drive(self, machine: LookupMachine, target: bytes, protocol: DhtProtocol) -> None:
         loop = asyncio.get_running_loop()
@@ -314,7 +312,7 @@ class KademliaOverlay:
         loop = asyncio.get_running_loop()
         started, delay = loop.time(), self.config.bootstrap_backoff_s
         for attempt in range(1, self.config.bootstrap_attempts + 1):
-            answers = await asyncio.gather(*(self._try_ping(a) for a in addrs))
+            answers = await asyncio.gather(*(self.try_ping(a) for a in addrs))
             reached = [c for c in answers if c is not None and c.peer_id != self.peer_id]
             if reached:
                 await self.lookup(self.peer_id, prove=False)
@@ -342,11 +340,12 @@ class KademliaOverlay:
             "check --bootstrap (or P2PML_BOOTSTRAP) and that the seeds are running"
         )
 
-    async def _try_ping(self, addr: Address, expected: PeerId | None = None) -> Contact | None:
+    async def try_ping(self, addr: Address, expected: PeerId | None = None) -> Contact | None:
+        """`ping`, returning None instead of raising when there is no valid reply."""
         try:
             return await self.ping(addr, expected)
         except (PeerTimeout, WireFormatError) as err:
-            log.debug("seed %s: %s", addr, err)
+            log.debug("ping %s: %s", addr, err)
             return None
 
     async def _resolve(self, addr: Address) -> Address:

@@ -245,11 +245,10 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         near = self.router.find_neighbors(
             KNode(key), self.ep.config.k + 4, exclude=KNode(sender, source.host, source.port)
         )
-        # do not send others to contacts that stopped answering
-        silent = {(c.peer_id, c.addr.host, c.addr.port) for c in self.ep.silent()}
-        return [[n.id, n.ip, n.port] for n in near if (n.id, n.ip, n.port) not in silent][
-            : self.ep.config.k
-        ]
+        silent = self.ep.silent()  # do not send others to contacts that stopped answering
+        if silent:
+            near = [n for n in near if to_contact(n) not in silent]
+        return [[n.id, n.ip, n.port] for n in near[: self.ep.config.k]]
 
     def _rpc_find_value(self, msg_id: bytes, source: Address, sender: PeerId, key: bytes) -> object:
         value = self.storage.get(key, None)
