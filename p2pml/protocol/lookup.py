@@ -69,7 +69,7 @@ class LookupMachine:
         skip: Collection[Contact] = (),
     ) -> None:
         self._radius = radius
-        self._skip = skip  # read, never copied: the caller's live view
+        self._skip = frozenset(skip)  # a snapshot: contacts silent when the lookup began
         self.target = target
         self._self = self_id
         self._k, self._alpha, self._stall_s = k, alpha, stall_s
