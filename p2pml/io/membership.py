@@ -95,8 +95,14 @@ class Membership:
 
     async def refresh(self) -> None:
         """Drop dead peers, re-estimate N and top up the pool with fresh uniform draws."""
+        table_checked = self._estimate is None or self._estimate.is_exact
         await self.check_pool()
         await self.estimate_now()
+        if self._estimate is not None and self._estimate.is_exact and not table_checked:
+            # The network is now counted exactly and samples come from the routing table, but
+            # only the pool was pinged: check the table too, then count again without the dead.
+            await self.check_pool()
+            await self.estimate_now()
         if self._estimate is not None and not self._estimate.is_exact:
             await self.fill_pool(self._config.pool_draws)
 

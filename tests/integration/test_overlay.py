@@ -168,6 +168,10 @@ async def test_dead_nodes_leave_lookups_and_samples_after_one_refresh(loop_error
             await node.__aexit__(None, None, None)
         dead_ids = {n.peer_id for n in dead}
         await me.refresh()
+        estimate = me.estimate
+        assert estimate is not None
+        if estimate.is_exact:  # samples then come from the table: it must not count the dead
+            assert estimate.n_hat == 34
         for target in dead_ids:
             result = await me.lookup(target)
             assert not {c.peer_id for c in result.contacts} & dead_ids
