@@ -6,7 +6,9 @@ Callers only ever see these; third-party exceptions are mapped where their libra
     ├── ConfigError (also ValueError)      bad local input: flags, config files, environment
     ├── ProtocolError                      bad peer input; the receiving machine stays usable
     │   ├── WireFormatError                bytes that do not decode to a valid message
-    │   └── UnexpectedMessage              a valid message that is wrong in the current state
+    │   ├── UnexpectedMessage              a valid message that is wrong in the current state
+    │   └── Refused                        a valid message this node will not take (another run,
+    │                                      a wrong shape, NaN values, too stale); has a `code`
     ├── TransportError
     │   ├── PeerUnreachable                connection refused, reset or unroutable
     │   ├── PeerTimeout (also TimeoutError)
@@ -26,6 +28,7 @@ __all__ = [
     "PeerTimeout",
     "PeerUnreachable",
     "ProtocolError",
+    "Refused",
     "TransportError",
     "UnexpectedMessage",
     "WireFormatError",
@@ -56,6 +59,14 @@ class WireFormatError(ProtocolError):
 
 class UnexpectedMessage(ProtocolError):
     """A well-formed message that the receiving machine cannot accept in its current state."""
+
+
+class Refused(ProtocolError):
+    """A well-formed message this node refuses; `code` is a short machine-readable reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class TransportError(P2PMLError):

@@ -37,6 +37,7 @@ from p2pml.errors import (
     PeerTimeout,
     PeerUnreachable,
     ProtocolError,
+    Refused,
     UnexpectedMessage,
     WireFormatError,
 )
@@ -61,6 +62,10 @@ SHUTDOWN_GRACE_S: Final = 2.0
 LINGER_S: Final = 1.0
 """How long the server drains the unread rest of a refused body before it closes the connection."""
 InfoValue = str | int | float | bool | None
+BUSY_CODES: Final = frozenset({"queue_full", "no_model"})
+"""Refusals answered 503: the peer may retry later."""
+CONFLICT_CODES: Final = frozenset({"stale", "other_run"})
+"""Refusals answered 409: the message is valid but conflicts with this node's state."""
 
 
 class DataPlaneHandler(Protocol):
@@ -240,6 +245,9 @@ class DataPlaneServer:
             return await answer()
         except _Refusal as refusal:
             return await self._refuse(request, refusal)
+        except Refused as exc:
+            status = 503 if exc.code in BUSY_CODES else 409 if exc.code in CONFLICT_CODES else 400
+            return await self._refuse(request, _Refusal(status, exc.code, str(exc)))
         except ProtocolError as exc:
             kind = "bad_frame" if isinstance(exc, WireFormatError) else "refused"
             return await self._refuse(request, _Refusal(400, kind, str(exc)))

@@ -35,6 +35,7 @@ from p2pml.protocol.identity import (
 __all__ = [
     "MAX_CONTACTS",
     "MAX_DATAGRAM_BYTES",
+    "MAX_RUN_TAG_CHARS",
     "MAX_VALUE_BYTES",
     "MSG_ID_BYTES",
     "ROLES",
@@ -42,6 +43,7 @@ __all__ = [
     "Datagram",
     "Kind",
     "NodeRecord",
+    "StepReport",
     "decode_contacts",
     "decode_datagram",
     "decode_record",
@@ -51,6 +53,7 @@ __all__ = [
     "encode_record",
     "encode_reply",
     "encode_request",
+    "encode_step",
     "open_signed",
     "seal_signed",
 ]
@@ -62,6 +65,8 @@ MAX_CONTACTS: Final = 64
 ROLES: Final = ("peer", "seed", "server", "worker")
 _DOMAIN: Final = b"p2pml-dht-v1\x00"
 _MAX_HOST_CHARS: Final = 64
+MAX_RUN_TAG_CHARS: Final = 160
+_RECORD_FIELDS: Final = ("key", "role", "http", "step", "ts", "run", "done")
 
 # RPC name -> how many arguments after the sender's id, and their types.
 _ARGS: Final[dict[str, tuple[type, ...]]] = {
@@ -108,6 +113,8 @@ class NodeRecord:
         http: the data-plane address, or None for a node without one (a seed).
         step: the node's current step.
         timestamp_s: the sender's wall clock (UNIX seconds) when it signed.
+        run: the run tag (run ID and manifest hash) the node trains in, or "" for none.
+        done: the node reached its last step and leaves; no barrier waits on it.
     """
 
     public_key: bytes
@@ -115,6 +122,8 @@ class NodeRecord:
     http: Address | None
     step: Step
     timestamp_s: float
+    run: str = ""
+    done: bool = False
 
     @property
     def peer_id(self) -> PeerId:
@@ -287,14 +296,16 @@ def encode_record(record: NodeRecord) -> dict[str, object]:
         "http": str(record.http) if record.http is not None else None,
         "step": int(record.step),
         "ts": float(record.timestamp_s),
+        "run": record.run,
+        "done": record.done,
     }
 
 
 def decode_record(payload: object) -> NodeRecord:
     """Check an ``info`` payload (already signature-checked by `open_signed`)."""
-    if not isinstance(payload, dict) or set(payload) != {"key", "role", "http", "step", "ts"}:
-        raise WireFormatError("info record: expected the fields key, role, http, step, ts")
-    key, role, http, step, ts = (payload[f] for f in ("key", "role", "http", "step", "ts"))
+    if not isinstance(payload, dict) or set(payload) != set(_RECORD_FIELDS):
+        raise WireFormatError(f"info record: expected the fields {', '.join(_RECORD_FIELDS)}")
+    key, role, http, step, ts, run, done = (payload[f] for f in _RECORD_FIELDS)
     if not isinstance(key, bytes) or len(key) != PUBLIC_KEY_BYTES:
         raise WireFormatError("info record key: expected 32 bytes")
     if role not in ROLES:
@@ -310,11 +321,32 @@ def decode_record(payload: object) -> NodeRecord:
         raise WireFormatError("info record step: expected an integer >= 0")
     if type(ts) is not float or not 0 <= ts < 1e11:
         raise WireFormatError("info record ts: expected UNIX seconds")
-    return NodeRecord(key, role, addr, Step(step), ts)
+    if not isinstance(run, str) or len(run) > MAX_RUN_TAG_CHARS:
+        raise WireFormatError(f"info record run: expected a string of <= {MAX_RUN_TAG_CHARS} chars")
+    if type(done) is not bool:
+        raise WireFormatError("info record done: expected true or false")
+    return NodeRecord(key, role, addr, Step(step), ts, run, done)
 
 
-def decode_step(payload: object) -> Step:
+@dataclass(frozen=True, slots=True)
+class StepReport:
+    """The answer to a ``step`` RPC: the node's current step, and whether it has finished."""
+
+    step: Step
+    done: bool = False
+
+
+def encode_step(report: StepReport) -> list[object]:
+    return [int(report.step), report.done]
+
+
+def decode_step(payload: object) -> StepReport:
     """Check a ``step`` payload (already signature-checked by `open_signed`)."""
-    if type(payload) is not int or payload < 0:
-        raise WireFormatError("step reply: expected an integer >= 0")
-    return Step(payload)
+    if not isinstance(payload, list) or len(payload) != 2:
+        raise WireFormatError("step reply: expected [step, done]")
+    step, done = payload
+    if type(step) is not int or step < 0:
+        raise WireFormatError("step reply: expected a step that is an integer >= 0")
+    if type(done) is not bool:
+        raise WireFormatError("step reply: expected done to be true or false")
+    return StepReport(Step(step), done)

@@ -19,6 +19,7 @@ from p2pml.errors import ConfigError, OverlayError, PeerTimeout, WireFormatError
 from p2pml.io.overlay import KademliaOverlay, load_contacts
 from p2pml.io.overlaybench import loopback_host
 from p2pml.protocol import dht
+from p2pml.protocol.dht import StepReport
 from p2pml.protocol.identity import NodeKey, peer_id_of
 
 pytestmark = pytest.mark.integration
@@ -183,12 +184,14 @@ async def test_dead_nodes_leave_lookups_and_samples_after_one_refresh(loop_error
 
 async def test_step_and_info_are_signed_and_current():
     async with swarm(2) as (a, b):
-        b.set_step(Step(7))
+        b.set_step(Step(7), done=True)
         b.set_http(Address("127.0.0.3", 8080))
+        b.set_run("run-1@abcd")
         contact = next(c for c in a.contacts() if c.peer_id == b.peer_id)
-        assert await a.step_of(contact) == 7
+        assert await a.step_of(contact) == StepReport(Step(7), done=True)
         record = await a.info(contact)
         assert (record.peer_id, record.role, record.step) == (b.peer_id, "peer", 7)
+        assert (record.run, record.done) == ("run-1@abcd", True)
         assert record.http == Address("127.0.0.3", 8080)
 
 
@@ -434,7 +437,7 @@ async def test_contact_with_a_zoned_ipv6_host_does_not_break_the_socket(loop_err
         assert nodes[1].counters["malformed"] + nodes[1].counters["bad_reply"] >= 1
         assert not nodes[1].endpoint.protocol.transport.is_closing()
         contact = next(c for c in nodes[1].contacts() if c.peer_id == nodes[0].peer_id)
-        assert await nodes[1].step_of(contact) == 0  # still talking
+        assert (await nodes[1].step_of(contact)).step == 0  # still talking
     assert loop_errors == []
 
 

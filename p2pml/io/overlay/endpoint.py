@@ -51,6 +51,8 @@ class DhtEndpoint:
         self.role = role
         self.http: Address | None = None
         self.step = Step(0)
+        self.run = ""
+        self.done = False
         self.store = BoundedStore(config.max_stored_values, config.max_values_per_host)
         self.counters: Counter[str] = Counter()
         self._server = DhtServer(self)
@@ -102,7 +104,15 @@ class DhtEndpoint:
         return [to_contact(n) for n in self.table.find_neighbors(KNode(target), k)]
 
     def record(self) -> NodeRecord:
-        return NodeRecord(self.key.public_key, self.role, self.http, self.step, time.time())
+        return NodeRecord(
+            self.key.public_key,
+            self.role,
+            self.http,
+            self.step,
+            time.time(),
+            self.run,
+            self.done,
+        )
 
     def reject(self, reason: str, host: str, err: object) -> None:
         """Count a rejected input and warn about it at most once per host per interval."""

@@ -29,7 +29,7 @@ from p2pml.io.membership import EstimateView, Membership
 from p2pml.io.overlay.endpoint import DhtEndpoint
 from p2pml.io.overlay.kad import TIMEOUT, DhtProtocol
 from p2pml.protocol import dht
-from p2pml.protocol.dht import Contact, NodeRecord
+from p2pml.protocol.dht import Contact, NodeRecord, StepReport
 from p2pml.protocol.identity import NodeKey
 from p2pml.protocol.lookup import LookupMachine
 
@@ -145,8 +145,16 @@ class KademliaOverlay:
     def counters(self) -> Counter[str]:
         return self.endpoint.counters
 
-    def set_step(self, step: Step) -> None:
+    def set_step(self, step: Step, *, done: bool = False) -> None:
+        """Publish the current step (and whether this node has finished) to `step`/`info`."""
         self.endpoint.step = step
+        self.endpoint.done = done
+
+    def set_run(self, tag: str) -> None:
+        """Publish the run tag (run ID and manifest hash) in this node's `info` record."""
+        if len(tag) > dht.MAX_RUN_TAG_CHARS:
+            raise ConfigError("run tag", tag, f"at most {dht.MAX_RUN_TAG_CHARS} characters")
+        self.endpoint.run = tag
 
     def set_http(self, addr: Address | None) -> None:
         self.endpoint.http = addr
@@ -205,8 +213,8 @@ class KademliaOverlay:
         """The peer's signed record (key, role, HTTP endpoint, step, timestamp)."""
         return dht.decode_record(await self._signed(contact, "info"))
 
-    async def step_of(self, contact: Contact) -> Step:
-        """The peer's signed current step."""
+    async def step_of(self, contact: Contact) -> StepReport:
+        """The peer's signed current step, and whether it has finished."""
         return dht.decode_step(await self._signed(contact, "step"))
 
     # -- lookups ---------------------------------------------------------------------------------

@@ -239,7 +239,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         return dht.seal_signed(self.ep.key, "info", msg_id, dht.encode_record(self.ep.record()))
 
     def _rpc_step(self, msg_id: bytes, source: Address, sender: PeerId) -> object:
-        return dht.seal_signed(self.ep.key, "step", msg_id, int(self.ep.step))
+        report = dht.StepReport(self.ep.step, self.ep.done)
+        return dht.seal_signed(self.ep.key, "step", msg_id, dht.encode_step(report))
 
     def _rpc_find_node(self, msg_id: bytes, source: Address, sender: PeerId, key: bytes) -> object:
         near = self.router.find_neighbors(

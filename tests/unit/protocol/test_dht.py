@@ -144,7 +144,7 @@ def test_signed_reply_with_a_bad_shape_is_rejected(body):
 
 def test_record_round_trips():
     key = NodeKey.generate()
-    record = NodeRecord(key.public_key, "peer", Address("::1", 8080), Step(3), 1.7e9)
+    record = NodeRecord(key.public_key, "peer", Address("::1", 8080), Step(3), 1.7e9, "r@1", True)
     decoded = dht.decode_record(msgpack.unpackb(msgpack.packb(dht.encode_record(record))))
     assert decoded == record and decoded.peer_id == key.peer_id
 
@@ -161,12 +161,29 @@ def test_record_round_trips():
         ({"http": "127.0.0.1:123456"}, "http port"),
         ({"key": b"short"}, "key"),
         ({"extra": 1}, "fields"),
+        ({"run": 5}, "run"),
+        ({"run": "r" * 161}, "run"),
+        ({"done": 1}, "done"),
     ],
 )
 def test_record_with_a_bad_field_is_rejected(change, field):
     record = dht.encode_record(NodeRecord(b"k" * 32, "peer", None, Step(0), 1.0))
     with pytest.raises(WireFormatError, match=field):
         dht.decode_record({**record, **change})
+
+
+def test_step_report_round_trips():
+    report = dht.StepReport(Step(9), done=True)
+    assert dht.decode_step(msgpack.unpackb(msgpack.packb(dht.encode_step(report)))) == report
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [(7, r"\[step, done\]"), ([-1, False], "step"), ([True, False], "step"), ([3, 0], "done")],
+)
+def test_step_report_with_a_bad_field_is_rejected(payload, field):
+    with pytest.raises(WireFormatError, match=field):
+        dht.decode_step(payload)
 
 
 @given(st.binary(max_size=300))

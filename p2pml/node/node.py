@@ -1,0 +1,502 @@
+"""`Node`: a peer-mode node: the overlay, the data plane, barrier waits and delta exchange.
+
+``async with Node(config, manifest) as node:`` binds the DHT socket and the HTTP data plane, joins
+through `config.bootstrap`, publishes the run tag and step in its signed records, and runs the
+background discovery of run peers; leaving the block stops every task and releases both ports.
+
+The training layer drives a node step by step (`p2pml/train/loop.py`)::
+
+    await node.barrier()                    # SyncMachine over sampled peers' step RPCs
+    deltas = node.take_deltas()             # received, validated, due (DESIGN.md §5)
+    ... compute the step off the loop, applying the deltas with weight node.weight() ...
+    await node.publish(step, own_delta)     # push, await every ack, then announce step + 1
+
+The node never touches torch: models cross as `TensorBlob`s, and the model it serves to joining
+peers comes from an attached `ModelSource`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from typing import Final, Protocol, Self
+
+from p2pml.core.run import NodeConfig, RunManifest
+from p2pml.core.sampling import sample_peers
+from p2pml.core.types import Address, PeerId, Step
+from p2pml.errors import (
+    BarrierTimeout,
+    ConfigError,
+    OverlayError,
+    P2PMLError,
+    PeerRejected,
+    Refused,
+    TransportError,
+)
+from p2pml.io.http import DataPlaneClient, DataPlaneServer, InfoValue
+from p2pml.io.overlay import KademliaOverlay
+from p2pml.node.peers import RunPeers
+from p2pml.protocol import deltas as rules
+from p2pml.protocol.dht import Contact, StepReport
+from p2pml.protocol.identity import NodeKey
+from p2pml.protocol.messages import (
+    NO_VERSION,
+    Ack,
+    DeltaPush,
+    ModelReply,
+    ModelRequest,
+    ModelUnchanged,
+    TensorBlob,
+)
+from p2pml.protocol.sync import SyncMachine, WaitRecord
+
+__all__ = ["ModelSource", "Node", "PushReport"]
+
+log = logging.getLogger(__name__)
+
+OFFLOAD_BYTES: Final = 1 << 20
+MAX_WAIT_RECORDS: Final = 10_000
+_UNKNOWN_SENDER_TTL_S: Final = 5.0
+
+
+async def ask_steps(
+    overlay: KademliaOverlay, contacts: Sequence[Contact]
+) -> dict[PeerId, StepReport | None]:
+    """Each contact's signed step, asked in parallel; None for one that did not answer validly."""
+    results = await asyncio.gather(*(overlay.step_of(c) for c in contacts), return_exceptions=True)
+    answers: dict[PeerId, StepReport | None] = {}
+    for contact, result in zip(contacts, results, strict=True):
+        if isinstance(result, StepReport):
+            answers[contact.peer_id] = result
+        elif isinstance(result, P2PMLError | TimeoutError):
+            answers[contact.peer_id] = None
+        else:
+            raise result
+    return answers
+
+
+class ModelSource(Protocol):
+    """What serves this node's model to peers that join: (completed steps, parameters)."""
+
+    async def snapshot(self) -> tuple[int, tuple[TensorBlob, ...]]: ...
+
+
+class PushReport:
+    """How one step's delta went out."""
+
+    __slots__ = ("n_acked", "n_failed", "n_targets")
+
+    def __init__(self, n_targets: int, n_acked: int, n_failed: int) -> None:
+        self.n_targets, self.n_acked, self.n_failed = n_targets, n_acked, n_failed
+
+
+class Node:
+    """A peer-mode node of one run. See the module docstring for the step protocol."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        manifest: RunManifest,
+        *,
+        key: NodeKey | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config.validate()
+        self.manifest = manifest
+        self.key = key or NodeKey.generate()
+        self.rng = rng if rng is not None else random.Random(os.urandom(16))
+        self.overlay = KademliaOverlay(config.overlay, self.key, role="peer", rng=self.rng)
+        self.server = DataPlaneServer(config.data, self)
+        self.client = DataPlaneClient(config.data)
+        self.peers = RunPeers(manifest, misses_to_forget=config.misses_to_forget)
+        self.sync = SyncMachine(
+            config.params(),
+            config.sample,
+            recheck_s=config.recheck_s,
+            recheck_max_s=config.recheck_max_s,
+        )
+        self.counters: Counter[str] = Counter()
+        self.waits: deque[WaitRecord] = deque(maxlen=MAX_WAIT_RECORDS)
+        self.source: ModelSource | None = None
+        self._completed = 0
+        self._done = False
+        self._queue: deque[DeltaPush] = deque()
+        self._unknown: dict[PeerId, float] = {}
+        self._stack = contextlib.AsyncExitStack()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        try:
+            await self._stack.enter_async_context(self.server)
+            await self._stack.enter_async_context(self.client)
+            await self._stack.enter_async_context(self.overlay)
+            self.overlay.set_http(self._advertised_http())
+            self.overlay.set_run(self.manifest.tag)
+            if self.config.bootstrap:
+                await self.overlay.bootstrap(list(self.config.bootstrap))
+            group = await self._stack.enter_async_context(asyncio.TaskGroup())
+            self._tasks.append(group.create_task(self._discover_loop()))
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        log.info(
+            "node %s in run %s: DHT %s, HTTP %s, barrier %s",
+            self.short_id,
+            self.manifest.tag,
+            self.overlay.addr,
+            self.server.addr,
+            self.config.barrier,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+        await self._stack.aclose()
+
+    def _advertised_http(self) -> Address:
+        port = self.server.addr.port
+        advertise = self.config.overlay.advertise
+        if advertise is not None:
+            return Address(advertise.host, port)
+        host = self.server.addr.host
+        if host in ("0.0.0.0", "::"):
+            raise ConfigError(
+                "advertise", None, "an address peers can reach when listening on all interfaces"
+            )
+        return Address(host, port)
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def peer_id(self) -> PeerId:
+        return self.overlay.peer_id
+
+    @property
+    def short_id(self) -> str:
+        return self.peer_id.hex()[:8]
+
+    @property
+    def step(self) -> int:
+        """Steps this node has completed (and announced)."""
+        return self._completed
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def n_hat(self) -> float:
+        """The population estimate (exact while the network is small), or the known count."""
+        estimate = self.overlay.estimate
+        if estimate is not None:
+            return estimate.n_hat
+        return float(len(self.overlay.contacts()) + 1)
+
+    def attach(self, source: ModelSource) -> None:
+        """Serve this node's model to joining peers from `source`."""
+        self.source = source
+
+    def resume_at(self, step: int) -> None:
+        """Continue from `step` completed steps (after pulling the model of a run in progress)."""
+        self._completed = step
+        self.overlay.set_step(Step(step))
+
+    # -- discovery -------------------------------------------------------------------------------
+    async def _discover_loop(self) -> None:
+        while True:
+            try:
+                await self.discover()
+            except P2PMLError as err:
+                log.debug("discovery round failed: %s", err)
+            await asyncio.sleep(self.config.discover_interval_s)
+
+    async def discover(self) -> int:
+        """Ask the contacts not yet known for their records; returns the live run peers."""
+        candidates = [c for c in self._candidates() if not self.peers.is_known(c.peer_id)]
+        gate = asyncio.Semaphore(16)
+
+        async def one(contact: Contact) -> None:
+            async with gate:
+                try:
+                    record = await self.overlay.info(contact)
+                except P2PMLError:
+                    return
+                self.peers.consider(contact, record)
+
+        await asyncio.gather(*(one(c) for c in candidates))
+        return len(self.peers.live())
+
+    def _candidates(self) -> list[Contact]:
+        estimate = self.overlay.estimate
+        contacts = self.overlay.contacts()
+        if estimate is not None and not estimate.is_exact:  # large: the uniform pool too
+            contacts += self.overlay.sample_peers(self.overlay.config.pool_capacity)
+        return contacts
+
+    async def wait_for_peers(self, n_peers: int, *, timeout_s: float | None = None) -> None:
+        """Wait until at least `n_peers` other nodes of the run are known.
+
+        Raises:
+            OverlayError: naming how many were found when `timeout_s` runs out.
+        """
+        budget = self.config.join_timeout_s if timeout_s is None else timeout_s
+        delay = 0.01
+        try:
+            async with asyncio.timeout(budget):
+                while await self.discover() < n_peers:
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, 0.5)
+        except TimeoutError:
+            raise OverlayError(
+                f"found {len(self.peers.live())} of the {n_peers} other nodes of run "
+                f"{self.manifest.run_id} within {budget:g} s"
+            ) from None
+
+    # -- barrier ---------------------------------------------------------------------------------
+    async def barrier(self, *, timeout_s: float | None = None) -> WaitRecord:
+        """Wait until the barrier lets this node start its next step; returns the wait's record.
+
+        Raises:
+            BarrierTimeout: when the wait outlasts `timeout_s` (default from config).
+        """
+        budget = self.config.barrier_timeout_s if timeout_s is None else timeout_s
+        loop = asyncio.get_running_loop()
+        self.sync.begin(Step(self._completed), now=loop.time())
+        try:
+            async with asyncio.timeout(budget):
+                while True:
+                    answers = await self._check()
+                    decision = self.sync.receive(
+                        answers, now=loop.time(), population_estimate=self.n_hat()
+                    )
+                    if decision.value == "proceed":
+                        break
+                    deadline = self.sync.next_deadline()
+                    assert deadline is not None
+                    await asyncio.sleep(max(0.0, deadline - loop.time()))
+                    self.sync.on_timer(now=max(loop.time(), deadline))
+        except TimeoutError:
+            self.sync = SyncMachine(
+                self.sync.params,
+                self.sync.sample,
+                recheck_s=self.config.recheck_s,
+                recheck_max_s=self.config.recheck_max_s,
+            )
+            raise BarrierTimeout(
+                f"barrier {self.config.barrier} before step {self._completed} still blocked "
+                f"after {budget:g} s"
+            ) from None
+        record = self.sync.drain_events()[-1]
+        self.waits.append(record)
+        return record
+
+    async def _check(self) -> dict[PeerId, StepReport | None]:
+        live = self.peers.live()
+        n = self.sync.sample_size(self.n_hat())
+        chosen = live if n is None else sample_peers(live, n, self.rng)
+        contacts = [self.peers.peers[p].contact for p in chosen]
+        answers = await ask_steps(self.overlay, contacts)
+        for peer, report in answers.items():
+            if report is None:
+                self.counters["barrier_unanswered"] += 1
+                if self.peers.missed(peer):
+                    self.overlay.membership.drop(peer)
+            else:
+                self.peers.answered(peer, report)
+        return answers
+
+    # -- deltas out ------------------------------------------------------------------------------
+    def weight(self) -> float:
+        """What each delta weighs now: 1/P, the participants of the current delivery plan."""
+        return self._plan().weight
+
+    def _plan(self) -> rules.Delivery:
+        return rules.plan_delivery(
+            self.peers.live(),
+            full_delivery_max=self.config.full_delivery_max,
+            fanout=self.config.fanout,
+            rng=self.rng,
+        )
+
+    @property
+    def gossiping(self) -> bool:
+        return len(self.peers.live()) + 1 > self.config.full_delivery_max
+
+    async def publish(self, step: int, tensors: Sequence[TensorBlob]) -> PushReport:
+        """Push this node's delta of `step` to its delivery targets, await their acks, then
+        announce ``step + 1`` (the ordering rule of DESIGN.md §5)."""
+        if step != self._completed:
+            raise ConfigError("step", step, f"the node's next step, {self._completed}")
+        plan = self._plan()
+        msg = DeltaPush(self.manifest.tag, self.peer_id, step, step, tuple(tensors))
+        results = await asyncio.gather(*(self._push(p, msg) for p in plan.targets))
+        acked = sum(results)
+        self.counters["deltas_sent"] += acked
+        self._completed = step + 1
+        self.overlay.set_step(Step(self._completed))
+        return PushReport(len(plan.targets), acked, len(results) - acked)
+
+    async def _push(self, peer: PeerId, msg: DeltaPush) -> bool:
+        rp = self.peers.peers.get(peer)
+        if rp is None:
+            return False
+        try:
+            async with asyncio.timeout(self.config.ack_timeout_s):
+                await self.client.push_delta(rp.http, msg)
+            return True
+        except PeerRejected as err:
+            self.counters[f"push_refused_{err.code}"] += 1
+            log.warning("peer %s refused our delta of step %d: %s", peer.hex()[:8], msg.step, err)
+            if err.code in ("other_run", "not_in_run"):
+                self.peers.mark_done(peer)
+        except (TransportError, TimeoutError) as err:
+            self.counters["push_failed"] += 1
+            log.warning("delta of step %d to %s failed: %s", msg.step, peer.hex()[:8], err)
+            if self.peers.missed(peer):
+                self.overlay.membership.drop(peer)
+        return False
+
+    # -- deltas in -------------------------------------------------------------------------------
+    async def on_delta(self, msg: DeltaPush) -> Ack:
+        """Validate and queue a peer's delta (the data plane's handler); refusals are counted."""
+        try:
+            await self._accept(msg)
+        except Refused as err:
+            self.counters["deltas_rejected"] += 1
+            self.counters[f"rejected_{err.code}"] += 1
+            raise
+        self._queue.append(msg)
+        self.counters["deltas_received"] += 1
+        return Ack(self.manifest.tag, self.peer_id, msg.step)
+
+    async def _accept(self, msg: DeltaPush) -> None:
+        why = self.manifest.mismatch(msg.run_id)
+        if why is not None:
+            raise Refused("other_run", f"delta from {msg.sender.hex()[:8]} refused: {why}")
+        if not await self._is_run_peer(msg.sender):
+            raise Refused(
+                "not_in_run",
+                f"delta from {msg.sender.hex()[:8]}: not a known peer of run "
+                f"{self.manifest.run_id}",
+            )
+        rules.check_delta(
+            msg,
+            self.manifest.params,
+            completed=self._completed,
+            max_age=self.config.delta_age_limit,
+        )
+        if sum(b.nbytes for b in msg.tensors) > OFFLOAD_BYTES:
+            await asyncio.to_thread(rules.check_finite, msg)
+        else:
+            rules.check_finite(msg)
+        if len(self._queue) >= self.config.max_queued_deltas:
+            raise Refused("queue_full", f"{len(self._queue)} deltas already wait to be applied")
+
+    async def _is_run_peer(self, sender: PeerId) -> bool:
+        if sender in self.peers:
+            return True
+        now = time.monotonic()
+        if now - self._unknown.get(sender, -_UNKNOWN_SENDER_TTL_S) < _UNKNOWN_SENDER_TTL_S:
+            return False
+        contact = await self._find(sender)
+        if contact is not None:
+            with contextlib.suppress(P2PMLError):
+                if self.peers.consider(contact, await self.overlay.info(contact)):
+                    return True
+        if len(self._unknown) > 4096:
+            self._unknown.clear()
+        self._unknown[sender] = now
+        return False
+
+    async def _find(self, peer: PeerId) -> Contact | None:
+        for contact in self.overlay.contacts():
+            if contact.peer_id == peer:
+                return contact
+        try:
+            result = await self.overlay.lookup(peer)
+        except P2PMLError:
+            return None
+        return next((c for c in result.contacts if c.peer_id == peer), None)
+
+    def take_deltas(self) -> list[DeltaPush]:
+        """The queued deltas due before the next step (all of them, except under BSP)."""
+        lockstep = self.config.barrier == "bsp"
+        due = [m for m in self._queue if rules.is_due(m.step, self._completed, lockstep=lockstep)]
+        if len(due) == len(self._queue):
+            self._queue.clear()
+        else:
+            kept = [m for m in self._queue if m not in due]
+            self._queue = deque(kept)
+        return due
+
+    # -- models ----------------------------------------------------------------------------------
+    async def on_model_request(self, msg: ModelRequest) -> ModelReply | ModelUnchanged:
+        why = self.manifest.mismatch(msg.run_id)
+        if why is not None:
+            self.counters["rejected_other_run"] += 1
+            raise Refused("other_run", f"model request refused: {why}")
+        if self.source is None:
+            raise Refused("no_model", "this node has no model to serve yet")
+        version, tensors = await self.source.snapshot()
+        if msg.have_version == version:
+            return ModelUnchanged(self.manifest.tag, self.peer_id, version)
+        return ModelReply(self.manifest.tag, self.peer_id, version, version, tensors)
+
+    async def pull_model(self, peer: PeerId | None = None) -> ModelReply:
+        """The model of `peer`, or of the most advanced live run peer that answers.
+
+        Raises:
+            OverlayError: when no run peer served a valid model.
+        """
+        live = self.peers.live() if peer is None else [peer]
+        ranked = sorted(live, key=lambda p: -self.peers.peers[p].step)
+        request = ModelRequest(self.manifest.tag, self.peer_id, NO_VERSION)
+        for candidate in ranked:
+            rp = self.peers.peers.get(candidate)
+            if rp is None:
+                continue
+            try:
+                reply = await self.client.pull_model(rp.http, request)
+                if not isinstance(reply, ModelReply):
+                    continue
+                rules.check_tensors(reply.tensors, self.manifest.params, what="model")
+                await asyncio.to_thread(rules.check_finite_tensors, reply.tensors, "model")
+            except (P2PMLError, TimeoutError) as err:
+                log.warning("model pull from %s failed: %s", candidate.hex()[:8], err)
+                continue
+            return reply
+        raise OverlayError(f"no peer of run {self.manifest.run_id} served its model")
+
+    async def finish(self) -> None:
+        """Announce that this node has finished, so no barrier waits on it, and linger until the
+        known peers have finished too or `linger_s` runs out."""
+        self._done = True
+        self.overlay.set_step(Step(self._completed), done=True)
+        log.info("node %s finished at step %d", self.short_id, self._completed)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.config.linger_s
+        while self.peers.live() and loop.time() < until:
+            contacts = [self.peers.peers[p].contact for p in self.peers.live()]
+            for peer, report in (await ask_steps(self.overlay, contacts)).items():
+                if report is None:
+                    self.peers.missed(peer)
+                else:
+                    self.peers.answered(peer, report)
+            await asyncio.sleep(min(0.1, max(0.0, until - loop.time())))
+
+    # -- data plane info -------------------------------------------------------------------------
+    def info(self) -> dict[str, InfoValue]:
+        return {
+            "peer_id": self.peer_id.hex(),
+            "role": "peer",
+            "run": self.manifest.tag,
+            "step": self._completed,
+            "done": self._done,
+        }

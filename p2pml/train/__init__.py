@@ -1,0 +1,3 @@
+"""Training through a p2pml node, with torch: models, data sets, the training loop."""
+
+from __future__ import annotations
