@@ -1,0 +1,321 @@
+"""`Trainer`: trains the user's own torch model, optimiser and batches through a peer-mode node.
+
+Per step, on the event loop: the barrier wait, taking the due deltas, pushing this step's delta.
+In the ``p2pml-compute`` thread (one per trainer; torch never runs on the loop): applying the
+received deltas with weight 1/P, forward, backward, ``optimizer.step()``, and turning the change
+into this node's delta, of which the node keeps 1/P. With SGD (momentum included) and BSP over P
+nodes with full delivery this is exactly synchronous data-parallel SGD on the union of the batches:
+the update of the shared model is the mean of the nodes' updates (DESIGN.md §5).
+
+    async with Node(config, manifest) as node, Trainer(node, model, optimizer) as trainer:
+        result = await trainer.train(batches, steps=500)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Final, ParamSpec, Self, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+from p2pml.errors import ConfigError, P2PMLError
+from p2pml.node.node import Node
+from p2pml.protocol.messages import DeltaPush, ModelReply, TensorBlob
+from p2pml.protocol.sync import WaitRecord
+from p2pml.train.tensors import as_tensor, load_blobs, param_specs, to_blobs, trainable
+
+__all__ = ["StepLog", "TrainResult", "Trainer", "TrainingDiverged"]
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH: Final = 2048
+Batch = tuple[torch.Tensor | npt.NDArray[np.generic], torch.Tensor | npt.NDArray[np.generic]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class TrainingDiverged(P2PMLError):
+    """The loss became NaN or infinite; the delta is not sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepLog:
+    """One line of the step log (JSON): what a step cost and what the node saw."""
+
+    step: int
+    loss: float
+    accuracy: float | None
+    wait_s: float
+    n_hat: float
+    deltas_sent: int
+    deltas_received: int
+    deltas_rejected: int
+    time_s: float
+    compute_s: float
+    n_checks: int
+    waited_on: list[str]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    """What a node's training came to."""
+
+    steps: int
+    start_step: int
+    final_loss: float | None
+    final_accuracy: float | None
+    wait_s: float
+    elapsed_s: float
+    counters: dict[str, int]
+
+
+class Trainer:
+    """Trains `model` with `optimizer` through `node`; see the module docstring.
+
+    Args:
+        loss_fn: (outputs, targets) -> scalar loss; cross-entropy by default.
+        eval_data: (inputs, labels) of a held-out split for accuracy, or None.
+        eval_every: evaluate every this many steps (and after the last); 0 only at the end.
+        slow_s: an artificial delay added to every step, for straggler experiments.
+        num_threads: torch's intra-op threads (process-wide; 1 by default).
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        loss_fn: LossFn = F.cross_entropy,
+        eval_data: Batch | None = None,
+        eval_every: int = 0,
+        slow_s: float = 0.0,
+        num_threads: int = 1,
+    ) -> None:
+        if param_specs(model) != node.manifest.params:
+            raise ConfigError(
+                "model", type(model).__name__, "the parameters the node's run manifest lists"
+            )
+        if not math.isfinite(slow_s) or slow_s < 0:
+            raise ConfigError("slow", slow_s, "seconds >= 0")
+        self.node, self.model, self.optimizer, self.loss_fn = node, model, optimizer, loss_fn
+        self.eval_data = eval_data
+        self.eval_every, self.slow_s, self.num_threads = eval_every, slow_s, num_threads
+        self._params = trainable(model)
+        self._executor: ThreadPoolExecutor | None = None
+        self.last_loss: float | None = None
+        self._weight = 1.0
+
+    async def __aenter__(self) -> Self:
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="p2pml-compute",
+            initializer=torch.set_num_threads,
+            initargs=(self.num_threads,),
+        )
+        self.node.attach(self)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True)
+
+    async def _run(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        if self._executor is None:
+            raise RuntimeError("use the trainer inside 'async with Trainer(...)'")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    # -- the model source for joining peers ------------------------------------------------------
+    async def snapshot(self) -> tuple[int, tuple[TensorBlob, ...]]:
+        version = self.node.step
+        blobs = await self._run(lambda: to_blobs([(n, p.clone()) for n, p in self._params]))
+        return version, blobs
+
+    # -- compute jobs (p2pml-compute thread) -----------------------------------------------------
+    def _apply(self, deltas: list[DeltaPush], weight: float) -> None:
+        with torch.no_grad():
+            for msg in deltas:
+                for (_, param), blob in zip(self._params, msg.tensors, strict=True):
+                    param.add_(as_tensor(blob), alpha=weight)
+
+    def _step(
+        self, deltas: list[DeltaPush], weight: float, batches: Iterator[Batch], step: int
+    ) -> tuple[float, tuple[TensorBlob, ...]]:
+        self._apply(deltas, weight)
+        inputs, targets = (torch.as_tensor(v) for v in next(batches))
+        with torch.no_grad():
+            before = [p.detach().clone() for _, p in self._params]
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(inputs), targets)
+        loss.backward()  # type: ignore[no-untyped-call]
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"loss is {value} at step {step}; the delta is not sent")
+        self.optimizer.step()
+        changes = []
+        with torch.no_grad():
+            for (name, param), old in zip(self._params, before, strict=True):
+                change = param - old
+                param.copy_(old.add_(change, alpha=weight))  # keep 1/P of this node's update
+                changes.append((name, change))
+        if self.slow_s:
+            time.sleep(self.slow_s)
+        return value, to_blobs(changes)
+
+    def _evaluate(self) -> float | None:
+        if self.eval_data is None:
+            return None
+        inputs, labels = (torch.as_tensor(v) for v in self.eval_data)
+        correct = 0
+        self.model.eval()
+        with torch.no_grad():
+            for start in range(0, len(labels), EVAL_BATCH):
+                out = self.model(inputs[start : start + EVAL_BATCH])
+                correct += int((out.argmax(dim=1) == labels[start : start + EVAL_BATCH]).sum())
+        self.model.train()
+        return correct / max(1, len(labels))
+
+    def _average(self, reply: ModelReply) -> None:
+        with torch.no_grad():
+            for (_, param), blob in zip(self._params, reply.tensors, strict=True):
+                param.mul_(0.5).add_(as_tensor(blob), alpha=0.5)
+
+    # -- the loop --------------------------------------------------------------------------------
+    async def join(self) -> int:
+        """Start from the run's current model when the run is already in progress.
+
+        Returns the step this node starts at (0 for a fresh run).
+        """
+        node = self.node
+        if node.step > 0:
+            return node.step
+        await node.discover()
+        ahead = [rp.step for p, rp in node.peers.peers.items() if p in node.peers.live()]
+        if not ahead or max(ahead) == 0:
+            return 0
+        reply = await node.pull_model()
+        await self._run(load_blobs, self._params, reply.tensors)
+        node.resume_at(reply.step)
+        log.info("joined run %s in progress at step %d", node.manifest.run_id, reply.step)
+        return reply.step
+
+    async def train(
+        self,
+        batches: Iterable[Batch],
+        *,
+        steps: int,
+        on_step: Callable[[StepLog], None] | None = None,
+    ) -> TrainResult:
+        """Train until the node has completed `steps` steps, then finish and linger.
+
+        Args:
+            batches: (inputs, targets) pairs, numpy or torch, one per step; drawn in the
+                compute thread, so the iterator may do work.
+            on_step: called on the loop with each step's log line.
+        """
+        node, began = self.node, time.monotonic()
+        start = await self.join()
+        it = iter(batches)
+        waited = 0.0
+        last: tuple[int, float, WaitRecord, float] | None = None
+        while node.step < steps:
+            step = node.step
+            wait = await node.barrier()
+            waited += wait.wait_s
+            computed_at = time.monotonic()
+            self._weight = node.weight()  # what every delta of this step weighs
+            loss, delta = await self._run(self._step, node.take_deltas(), self._weight, it, step)
+            compute_s = time.monotonic() - computed_at
+            self.last_loss = loss
+            await node.publish(step, delta)
+            if self._gossip_due(step):
+                await self._gossip()
+            last = (step, loss, wait, compute_s)
+            if step + 1 == steps:
+                break  # its line carries the final accuracy, after _settle
+            accuracy = None
+            if self.eval_every and (step + 1) % self.eval_every == 0:
+                accuracy = await self._run(self._evaluate)
+            if on_step is not None:
+                on_step(self._log(step, loss, accuracy, wait, began, compute_s))
+        accuracy = await self._settle(steps)
+        if on_step is not None and last is not None:
+            step, loss, wait, compute_s = last
+            on_step(self._log(step, loss, accuracy, wait, began, compute_s))
+        await node.finish()
+        return TrainResult(
+            steps=node.step,
+            start_step=start,
+            final_loss=self.last_loss,
+            final_accuracy=accuracy,
+            wait_s=waited,
+            elapsed_s=time.monotonic() - began,
+            counters=dict(node.counters),
+        )
+
+    async def _settle(self, steps: int) -> float | None:
+        """After the last step: wait until the barrier's peers are done too, so their last
+        deltas are here, apply them, and evaluate the final model."""
+        try:
+            await self.node.barrier()
+        except P2PMLError as err:
+            log.warning("final barrier: %s", err)
+        # peers may have finished meanwhile: the last deltas weigh what the last step's did
+        await self._run(self._apply, self.node.take_deltas(), self._weight)
+        return await self._run(self._evaluate)
+
+    def _gossip_due(self, step: int) -> bool:
+        every = self.node.config.average_every
+        return self.node.gossiping and every > 0 and (step + 1) % every == 0
+
+    async def _gossip(self) -> None:
+        node = self.node
+        peer = node.rng.choice(node.peers.live())
+        try:
+            reply = await node.pull_model(peer)
+        except P2PMLError as err:
+            log.warning("model averaging with %s skipped: %s", peer.hex()[:8], err)
+            return
+        await self._run(self._average, reply)
+        node.counters["model_averages"] += 1
+
+    def _log(
+        self,
+        step: int,
+        loss: float,
+        accuracy: float | None,
+        wait: WaitRecord,
+        began: float,
+        compute_s: float,
+    ) -> StepLog:
+        c = self.node.counters
+        return StepLog(
+            step=step,
+            loss=loss,
+            accuracy=accuracy,
+            wait_s=round(wait.wait_s, 6),
+            n_hat=round(self.node.n_hat(), 2),
+            deltas_sent=c["deltas_sent"],
+            deltas_received=c["deltas_received"],
+            deltas_rejected=c["deltas_rejected"],
+            time_s=round(time.monotonic() - began, 4),
+            compute_s=round(compute_s, 6),
+            n_checks=wait.n_checks,
+            waited_on=[p.hex()[:8] for p in wait.blocked_on],
+        )
