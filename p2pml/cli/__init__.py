@@ -14,6 +14,7 @@ from p2pml import __version__
 from p2pml.cli.bench import bench_app
 from p2pml.cli.bounds import bounds
 from p2pml.cli.overlay import peers, seed
+from p2pml.cli.run import run
 from p2pml.cli.simulate import simulate
 from p2pml.errors import ConfigError
 
@@ -36,6 +37,7 @@ app.command()(simulate)
 app.command()(bounds)
 app.command()(seed)
 app.command()(peers)
+app.command()(run)
 app.add_typer(bench_app, name="bench")
 
 

@@ -1,0 +1,259 @@
+"""``p2pml run``: one peer-mode node that trains a built-in model with its run's other nodes.
+
+Every step writes one JSON line (to stdout, or to ``--log FILE``): ``step``, ``loss``,
+``accuracy`` (when evaluated), ``wait_s``, ``n_hat``, ``deltas_sent``, ``deltas_received``,
+``deltas_rejected`` and a few more. Progress and the final summary go to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Annotated
+
+import typer
+
+from p2pml.cli.args import bad_flag, check_writable
+from p2pml.cli.overlay import BootstrapOption, _address, parse_bootstrap, parse_listen
+from p2pml.core.barrier import get_policy
+from p2pml.core.config import DEFAULT_RPC_TIMEOUT_S, DataPlaneConfig, OverlayConfig
+from p2pml.core.run import NodeConfig
+from p2pml.core.sampling import SampleSize
+from p2pml.core.types import Address
+from p2pml.errors import BarrierTimeout, ConfigError, OverlayError, P2PMLError
+from p2pml.log import setup_logging
+
+if TYPE_CHECKING:
+    from p2pml.train.loop import StepLog
+
+__all__ = ["parse_shard", "run"]
+
+log = logging.getLogger("p2pml.run")
+
+_FLAGS = {
+    "sample": "--sample",
+    "staleness": "--staleness",
+    "barrier": "--barrier",
+    "min_peers": "--min-peers",
+    "full_delivery_max": "--full-delivery-max",
+    "fanout": "--fanout",
+    "average_every": "--average-every",
+    "max_delta_age": "--max-delta-age",
+    "join_timeout_s": "--join-timeout",
+    "rpc_timeout_s": "--rpc-timeout",
+}
+
+
+def parse_shard(text: str) -> tuple[int, int] | None:
+    """``auto`` (None: the whole training set in this node's own order) or ``INDEX/COUNT``."""
+    if text == "auto":
+        return None
+    index, _, count = text.partition("/")
+    if index.isdigit() and count.isdigit() and 0 <= int(index) < int(count):
+        return int(index), int(count)
+    raise bad_flag("--shard", text, "auto, or INDEX/COUNT with 0 <= INDEX < COUNT (e.g. 0/4)")
+
+
+def _node_config(
+    *,
+    listen: str,
+    http_listen: str | None,
+    advertise: str | None,
+    bootstrap: list[Address],
+    rpc_timeout: float,
+    **fields: object,
+) -> NodeConfig:
+    udp = parse_listen(listen)
+    http = parse_listen(http_listen, "--http-listen") if http_listen else Address(udp.host, 0)
+    try:
+        overlay = OverlayConfig(
+            listen=udp,
+            advertise=_address(advertise, "--advertise") if advertise else None,
+            rpc_timeout_s=rpc_timeout,
+        )
+        return NodeConfig(
+            overlay=overlay,
+            data=DataPlaneConfig(listen=http),
+            bootstrap=tuple(bootstrap),
+            **fields,  # type: ignore[arg-type]
+        ).validate()
+    except ConfigError as err:
+        raise bad_flag(_FLAGS.get(err.field, err.field), err.value, err.allowed) from None
+
+
+def _open_log(path: str) -> IO[str]:
+    if path == "-":
+        return sys.stdout
+    target = Path(path)
+    check_writable(target, "--log")
+    return target.open("a", encoding="utf-8", buffering=1)
+
+
+def run(
+    bootstrap: BootstrapOption = None,
+    listen: Annotated[str, typer.Option(help="UDP address of the DHT.")] = "127.0.0.1:0",
+    http_listen: Annotated[
+        str | None,
+        typer.Option(help="HTTP data-plane address (default: --listen's host, any port)."),
+    ] = None,
+    advertise: Annotated[
+        str | None, typer.Option(help="host:port others should use for the DHT (NAT, containers).")
+    ] = None,
+    key: Annotated[
+        Path | None, typer.Option(help="Ed25519 key file (made if absent); default: a new key.")
+    ] = None,
+    run_id: Annotated[
+        str, typer.Option(help="The run to join: nodes of other runs are refused.")
+    ] = "p2pml",
+    barrier: Annotated[str, typer.Option(help="bsp, ssp, asp, pbsp or pssp.")] = "pssp",
+    sample: Annotated[
+        str, typer.Option(help="Beta: peers per check (10) or a share of N^ (5%).")
+    ] = "10",
+    staleness: Annotated[
+        int, typer.Option(help="s, in steps (ssp, pssp; also the delta age limit).")
+    ] = 4,
+    model: Annotated[str, typer.Option(help="mlp or cnn.")] = "mlp",
+    dataset: Annotated[str, typer.Option(help="mnist, mnist-5k, digits or iris.")] = "mnist-5k",
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder of the MNIST IDX files (for --dataset mnist).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Steps to train.")] = 500,
+    lr: Annotated[float, typer.Option(help="Learning rate (SGD).")] = 0.05,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    batch_size: Annotated[int, typer.Option(help="Examples per step and node.")] = 64,
+    slow: Annotated[
+        float, typer.Option(help="Extra seconds per step (straggler experiments).")
+    ] = 0.0,
+    eval_every: Annotated[
+        int, typer.Option(help="Evaluate every N steps (and at the end); 0: end only.")
+    ] = 50,
+    shard: Annotated[str, typer.Option(help="auto, or INDEX/COUNT for a disjoint shard.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Model initialisation and shard seed (the run's).")] = 0,
+    min_peers: Annotated[int, typer.Option(help="Start once this many other nodes are known.")] = 0,
+    join_timeout: Annotated[float, typer.Option(help="Seconds to wait for --min-peers.")] = 60.0,
+    full_delivery_max: Annotated[
+        int, typer.Option(help="Send deltas to everyone up to this run size.")
+    ] = 32,
+    fanout: Annotated[int, typer.Option(help="Delta fan-out beyond --full-delivery-max.")] = 8,
+    average_every: Annotated[
+        int, typer.Option(help="Gossip: average with a random peer every N steps.")
+    ] = 10,
+    max_delta_age: Annotated[
+        int | None, typer.Option(help="Refuse deltas older than this (default s).")
+    ] = None,
+    rpc_timeout: Annotated[float, typer.Option(help="DHT RPC timeout, s.")] = DEFAULT_RPC_TIMEOUT_S,
+    log_path: Annotated[
+        str, typer.Option("--log", help="JSON-lines step log: a file, or - for stdout.")
+    ] = "-",
+    save: Annotated[
+        Path | None, typer.Option(help="Write the final model here (p2pml format).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="Warnings and errors only on stderr.")] = False,
+) -> None:
+    """Train as one peer-mode node: sampled barriers, deltas straight to peers, no server."""
+    for flag, value, low in (
+        ("--steps", steps, 1),
+        ("--batch-size", batch_size, 1),
+        ("--eval-every", eval_every, 0),
+    ):
+        if value < low:
+            raise bad_flag(flag, value, f"a whole number >= {low}")
+    if not (lr > 0 and lr < float("inf")):
+        raise bad_flag("--lr", lr, "a finite number > 0")
+    if not 0 <= momentum < 1:
+        raise bad_flag("--momentum", momentum, "a number in [0, 1)")
+    if not 0 <= slow < float("inf"):
+        raise bad_flag("--slow", slow, "seconds >= 0")
+    try:
+        policy = get_policy(barrier.lower()).name
+        beta = SampleSize.parse(sample, field="--sample")
+    except ConfigError as err:
+        raise bad_flag(_FLAGS.get(err.field, err.field), err.value, err.allowed) from None
+    shard_spec = parse_shard(shard)
+    config = _node_config(
+        listen=listen,
+        http_listen=http_listen,
+        advertise=advertise,
+        bootstrap=parse_bootstrap(bootstrap),
+        rpc_timeout=rpc_timeout,
+        barrier=policy,
+        sample=beta,
+        staleness=staleness,
+        min_peers=min_peers,
+        join_timeout_s=join_timeout,
+        full_delivery_max=full_delivery_max,
+        fanout=fanout,
+        average_every=average_every,
+        max_delta_age=max_delta_age,
+    )
+    check_writable(save, "--save")
+    out = _open_log(log_path)
+    setup_logging(logging.WARNING if quiet else logging.INFO)
+    from p2pml.train.session import Session  # torch loads only for this command
+
+    try:
+        session = Session.build(
+            config,
+            run_id=run_id,
+            model=model,
+            dataset=dataset,
+            data_dir=data_dir,
+            lr=lr,
+            momentum=momentum,
+            batch_size=batch_size,
+            seed=seed,
+            shard=shard_spec,
+            key_path=key,
+        )
+    except ConfigError as err:
+        flag = {"dataset": "--dataset", "model": "--model", "run_id": "--run-id"}.get(
+            err.field, "--data-dir" if "data" in err.field else err.field
+        )
+        raise bad_flag(flag, err.value, err.allowed) from None
+
+    def on_step(entry: StepLog) -> None:
+        out.write(json.dumps(entry.to_dict()) + "\n")
+        if entry.accuracy is not None or entry.step % max(1, steps // 10) == 0:
+            log.info(
+                "step %d/%d loss %.4f accuracy %s wait %.3f s N^ %.1f",
+                entry.step + 1,
+                steps,
+                entry.loss,
+                "-" if entry.accuracy is None else f"{entry.accuracy:.4f}",
+                entry.wait_s,
+                entry.n_hat,
+            )
+
+    started = time.monotonic()
+    try:
+        result = asyncio.run(
+            session.run(steps=steps, slow_s=slow, eval_every=eval_every, on_step=on_step, save=save)
+        )
+    except KeyboardInterrupt:
+        print("p2pml run: interrupted", file=sys.stderr)
+        raise typer.Exit(130) from None
+    except ConfigError as err:
+        if err.field not in ("listen", "advertise"):
+            raise
+        raise bad_flag("--listen", listen, err.allowed) from None
+    except (OverlayError, BarrierTimeout, P2PMLError) as err:
+        print(f"p2pml run: error: {err}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    finally:
+        if out is not sys.stdout:
+            with contextlib.suppress(OSError):
+                out.close()
+    print(
+        f"p2pml run: {result.steps} steps (from {result.start_step}) in "
+        f"{time.monotonic() - started:.1f} s; final loss {result.final_loss}, "
+        f"accuracy {result.final_accuracy}; waited {result.wait_s:.2f} s at barriers; "
+        f"deltas sent {result.counters.get('deltas_sent', 0)}, received "
+        f"{result.counters.get('deltas_received', 0)}, rejected "
+        f"{result.counters.get('deltas_rejected', 0)}",
+        file=sys.stderr,
+    )
