@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import copy
+import contextlib
 
 import numpy as np
 import pytest
 import torch
 
-from nodes import cluster
+from nodes import cluster, node_config
 from p2pml.core.sampling import SampleSize
+from p2pml.errors import PeerRejected
+from p2pml.node.node import Node
+from p2pml.protocol.messages import NO_VERSION, DeltaPush, ModelRequest, TensorBlob
 from p2pml.train.loop import Trainer
 from p2pml.train.tensors import run_manifest
 
@@ -81,3 +84,175 @@ async def test_bsp_full_delivery_equals_single_process_sgd_on_the_union_of_batch
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
     assert all(r.counters["deltas_sent"] == steps * (n - 1) for r in results)
     assert all(r.counters.get("deltas_rejected", 0) == 0 for r in results)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def initial_params() -> list[torch.Tensor]:
+    return [p.detach().clone() for p in tiny_model().parameters()]
+
+
+def delta_like(model: torch.nn.Module, **overrides: np.ndarray) -> tuple[TensorBlob, ...]:
+    blobs = []
+    for name, param in model.named_parameters():
+        array = overrides.get(name, np.full(tuple(param.shape), 0.5, dtype=np.float32))
+        blobs.append(TensorBlob.of(name, array))
+    return tuple(blobs)
+
+
+BAD_DELTAS = {
+    "wrong shape": ("shape", {"0.weight": np.zeros((8, 5), np.float32)}, {}),
+    "wrong dtype": ("dtype", {"0.bias": np.zeros(8, np.float64)}, {}),
+    "NaN values": ("nonfinite", {"2.bias": np.array([0.0, np.nan, 1.0], np.float32)}, {}),
+    "infinite values": ("nonfinite", {"0.bias": np.full(8, np.inf, np.float32)}, {}),
+    "sender outside the run": ("not_in_run", {}, {"sender": bytes(range(20))}),
+    "stale model version": ("stale", {}, {"step": 2}),
+    "another manifest": ("other_run", {}, {"run_id": "bad-input@0123456789abcdef"}),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DELTAS)
+async def test_bad_delta_is_refused_counted_and_never_reaches_the_model(case, caplog):
+    code, tensors, fields = BAD_DELTAS[case]
+    model = tiny_model()
+    manifest = run_manifest("bad-input", model, {"barrier": "pssp"})
+    async with cluster(2, manifest, staleness=4) as (sender, receiver):
+        async with Trainer(receiver, model, sgd(model)):
+            receiver.resume_at(10)  # a delta of step 2 is then 7 steps old, over s = 4
+            base = {"run_id": manifest.tag, "sender": sender.peer_id, "step": 9, "base_version": 9}
+            msg = DeltaPush(**{**base, **fields}, tensors=delta_like(model, **tensors))
+            with pytest.raises(PeerRejected) as refused:
+                await sender.client.push_delta(receiver.server.addr, msg)
+            assert refused.value.code == code
+            assert receiver.counters[f"rejected_{code}"] == 1
+            assert receiver.counters["deltas_rejected"] == 1
+            assert receiver.take_deltas() == []
+            assert "refused POST /v1/delta" in caplog.text
+    for got, want in zip(model.parameters(), initial_params(), strict=True):
+        assert torch.equal(got, want)
+
+
+async def test_a_valid_delta_is_acknowledged_and_queued():
+    model = tiny_model()
+    manifest = run_manifest("good-input", model, {"barrier": "pssp"})
+    async with cluster(2, manifest) as (sender, receiver):
+        msg = DeltaPush(manifest.tag, sender.peer_id, 0, 0, delta_like(model))
+        ack = await sender.client.push_delta(receiver.server.addr, msg)
+        assert (ack.sender, ack.step) == (receiver.peer_id, 0)
+        assert [m.sender for m in receiver.take_deltas()] == [sender.peer_id]
+
+
+async def test_peer_with_another_manifest_is_refused_with_a_clear_message(caplog):
+    model = tiny_model()
+    ours = run_manifest("shared-id", model, {"lr": 0.1})
+    theirs = run_manifest("shared-id", model, {"lr": 0.2})
+    async with cluster(2, ours) as nodes:
+        config = node_config(5, bootstrap=(nodes[0].overlay.addr,))
+        async with Node(config, theirs) as stranger:
+            await nodes[0].discover()
+            assert stranger.peer_id not in nodes[0].peers.live()
+            assert "manifest" in nodes[0].peers.strangers[stranger.peer_id]
+            assert "refusing peer" in caplog.text
+            msg = DeltaPush(theirs.tag, stranger.peer_id, 0, 0, delta_like(model))
+            with pytest.raises(PeerRejected) as refused:
+                await stranger.client.push_delta(nodes[0].server.addr, msg)
+            assert refused.value.code == "other_run" and "manifest" in str(refused.value)
+            request = ModelRequest(theirs.tag, stranger.peer_id, NO_VERSION)
+            with pytest.raises(PeerRejected, match="other_run"):
+                await stranger.client.pull_model(nodes[0].server.addr, request)
+
+
+# -- churn ----------------------------------------------------------------------------------------
+
+
+async def wait_until(condition, timeout_s: float = 20.0) -> None:
+    """Poll `condition()` (a counter the nodes update) every few ms under a deadline."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def trainers(nodes, models):
+    async with contextlib.AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(Trainer(node, m, sgd(m), slow_s=0.002))
+            for node, m in zip(nodes, models, strict=True)
+        ]
+
+
+def endless_batches(node_index: int):
+    rng = np.random.default_rng(node_index)
+    while True:
+        yield (
+            rng.standard_normal((BATCH, N_IN)).astype(np.float32),
+            rng.integers(0, N_OUT, BATCH).astype(np.int64),
+        )
+
+
+async def test_node_joining_mid_run_starts_from_the_current_model_not_from_scratch():
+    models = [tiny_model() for _ in range(4)]
+    manifest = run_manifest("join", models[0], {"barrier": "pssp"})
+    sample = SampleSize(count=2)
+    async with cluster(3, manifest, barrier="pssp", sample=sample) as nodes:
+        async with trainers(nodes, models[:3]) as running:
+            tasks = [
+                asyncio.create_task(t.train(endless_batches(i), steps=400))
+                for i, t in enumerate(running)
+            ]
+            await wait_until(lambda: min(n.step for n in nodes) >= 20)
+            config = node_config(
+                3, bootstrap=(nodes[0].overlay.addr,), barrier="pssp", sample=sample
+            )
+            async with (
+                Node(config, manifest) as late,
+                Trainer(late, models[3], sgd(models[3])) as t,
+            ):
+                start = await t.join()
+                assert start >= 20 and late.step == start
+                moved = [
+                    not torch.equal(a, b)
+                    for a, b in zip(models[3].parameters(), initial_params(), strict=True)
+                ]
+                assert all(moved), "the late node still holds the initial model"
+                result = await asyncio.wait_for(t.train(endless_batches(3), steps=400), 60)
+                assert result.start_step == start and result.steps == 400
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    assert [r.steps for r in results] == [400] * 3
+    assert any(r.counters["deltas_received"] > 0 for r in results)
+
+
+async def test_killing_one_of_six_nodes_mid_run_lets_the_others_train_and_finish():
+    models = [tiny_model() for _ in range(6)]
+    manifest = run_manifest("kill", models[0], {"barrier": "pssp"})
+    async with cluster(6, manifest, barrier="pssp", sample=SampleSize(count=2)) as nodes:
+        async with trainers(nodes, models) as running:
+            tasks = [
+                asyncio.create_task(t.train(endless_batches(i), steps=150))
+                for i, t in enumerate(running)
+            ]
+            await wait_until(lambda: nodes[5].step >= 30)
+            tasks[5].cancel()  # the node vanishes: no finish, its sockets close
+            with contextlib.suppress(asyncio.CancelledError):
+                await tasks[5]
+            await nodes[5].__aexit__(None, None, None)
+            results = await asyncio.wait_for(asyncio.gather(*tasks[:5]), 60)
+    assert [r.steps for r in results] == [150] * 5
+    # the dead node was noticed by missed RPCs: it is forgotten, not waited on
+    assert all(nodes[5].peer_id not in n.peers.live() for n in nodes[:5])
+    assert sum(n.counters["barrier_unanswered"] + n.counters["push_failed"] for n in nodes[:5])
+
+
+async def test_finished_nodes_never_stall_a_bsp_run():
+    models = [tiny_model() for _ in range(3)]
+    manifest = run_manifest("finish", models[0], {"barrier": "bsp"})
+    async with cluster(3, manifest, barrier="bsp") as nodes:
+        async with trainers(nodes, models) as running:
+            short, *long = [
+                t.train(endless_batches(i), steps=10 if i == 0 else 40)
+                for i, t in enumerate(running)
+            ]
+            results = await asyncio.wait_for(asyncio.gather(short, *long), 30)
+    assert [r.steps for r in results] == [10, 40, 40]
+    assert all(n.peers.peers[nodes[0].peer_id].done for n in nodes[1:])
