@@ -22,7 +22,7 @@ from p2pml.cli.args import bad_flag, check_writable
 from p2pml.cli.overlay import BootstrapOption, _address, parse_bootstrap, parse_listen
 from p2pml.core.barrier import get_policy
 from p2pml.core.config import DEFAULT_RPC_TIMEOUT_S, DataPlaneConfig, OverlayConfig
-from p2pml.core.run import NodeConfig
+from p2pml.core.run import NodeConfig, RunManifest, TensorSpec
 from p2pml.core.sampling import SampleSize
 from p2pml.core.types import Address
 from p2pml.errors import BarrierTimeout, ConfigError, OverlayError, P2PMLError
@@ -175,6 +175,10 @@ def run(
     except ConfigError as err:
         raise bad_flag(_FLAGS.get(err.field, err.field), err.value, err.allowed) from None
     shard_spec = parse_shard(shard)
+    try:
+        RunManifest.build(run_id, {}, [TensorSpec("check", "float32", (1,))])
+    except ConfigError as err:
+        raise bad_flag("--run-id", run_id, err.allowed) from None
     config = _node_config(
         listen=listen,
         http_listen=http_listen,

@@ -193,9 +193,10 @@ class Node:
         return self._done
 
     def n_hat(self) -> float:
-        """The population estimate (exact while the network is small), or the known count."""
+        """The population estimate N^; while the network is counted exactly (or before the first
+        estimate), the routing table's current size plus this node, which is fresher."""
         estimate = self.overlay.estimate
-        if estimate is not None:
+        if estimate is not None and not estimate.is_exact:
             return estimate.n_hat
         return float(len(self.overlay.contacts()) + 1)
 

@@ -424,9 +424,9 @@ _MODEL_RECHECK_S = 0.01
 _MODEL_RECHECK_MAX_S = 0.08
 _TIMES = st.floats(min_value=0.0, max_value=0.1, allow_nan=False)
 _ANSWERS = st.dictionaries(
-    st.integers(0, 23),
-    st.none() | st.builds(StepReport, st.integers(0, 14).map(Step), st.booleans()),
-    max_size=20,
+    st.integers(0, 19),
+    st.none() | st.builds(StepReport, st.integers(0, 8).map(Step), st.booleans()),
+    max_size=8,
 )
 
 
@@ -458,7 +458,7 @@ class SyncAgainstModel(RuleBasedStateMachine):
         bounds = {"bsp": 0, "pbsp": 0, "ssp": staleness - int(strict), "pssp": staleness - int(strict)}
         self.bound = bounds.get(name, math.inf)  # asp: no bound
 
-    @rule(my_step=st.integers(0, 12), dt=_TIMES)
+    @rule(my_step=st.integers(0, 6), dt=_TIMES)
     def begin(self, my_step: int, dt: float) -> None:
         self.now += dt
         if self.phase != "idle":
@@ -524,4 +524,4 @@ class SyncAgainstModel(RuleBasedStateMachine):
 
 
 TestSyncAgainstModel = SyncAgainstModel.TestCase
-TestSyncAgainstModel.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+TestSyncAgainstModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
