@@ -8,8 +8,8 @@ import contextlib
 import numpy as np
 import pytest
 import torch
-
 from nodes import cluster, node_config
+
 from p2pml.core.sampling import SampleSize
 from p2pml.errors import PeerRejected
 from p2pml.node.node import Node
@@ -117,18 +117,20 @@ async def test_bad_delta_is_refused_counted_and_never_reaches_the_model(case, ca
     code, tensors, fields = BAD_DELTAS[case]
     model = tiny_model()
     manifest = run_manifest("bad-input", model, {"barrier": "pssp"})
-    async with cluster(2, manifest, staleness=4) as (sender, receiver):
-        async with Trainer(receiver, model, sgd(model)):
-            receiver.resume_at(10)  # a delta of step 2 is then 7 steps old, over s = 4
-            base = {"run_id": manifest.tag, "sender": sender.peer_id, "step": 9, "base_version": 9}
-            msg = DeltaPush(**{**base, **fields}, tensors=delta_like(model, **tensors))
-            with pytest.raises(PeerRejected) as refused:
-                await sender.client.push_delta(receiver.server.addr, msg)
-            assert refused.value.code == code
-            assert receiver.counters[f"rejected_{code}"] == 1
-            assert receiver.counters["deltas_rejected"] == 1
-            assert receiver.take_deltas() == []
-            assert "refused POST /v1/delta" in caplog.text
+    async with (
+        cluster(2, manifest, staleness=4) as (sender, receiver),
+        Trainer(receiver, model, sgd(model)),
+    ):
+        receiver.resume_at(10)  # a delta of step 2 is then 7 steps old, over s = 4
+        base = {"run_id": manifest.tag, "sender": sender.peer_id, "step": 9, "base_version": 9}
+        msg = DeltaPush(**{**base, **fields}, tensors=delta_like(model, **tensors))
+        with pytest.raises(PeerRejected) as refused:
+            await sender.client.push_delta(receiver.server.addr, msg)
+        assert refused.value.code == code
+        assert receiver.counters[f"rejected_{code}"] == 1
+        assert receiver.counters["deltas_rejected"] == 1
+        assert receiver.take_deltas() == []
+        assert "refused POST /v1/delta" in caplog.text
     for got, want in zip(model.parameters(), initial_params(), strict=True):
         assert torch.equal(got, want)
 
@@ -169,7 +171,7 @@ async def test_peer_with_another_manifest_is_refused_with_a_clear_message(caplog
 async def wait_until(condition, timeout_s: float = 20.0) -> None:
     """Poll `condition()` (a counter the nodes update) every few ms under a deadline."""
     async with asyncio.timeout(timeout_s):
-        while not condition():
+        while not condition():  # noqa: ASYNC110 (counters, no event to await)
             await asyncio.sleep(0.005)
 
 
@@ -195,30 +197,30 @@ async def test_node_joining_mid_run_starts_from_the_current_model_not_from_scrat
     models = [tiny_model() for _ in range(4)]
     manifest = run_manifest("join", models[0], {"barrier": "pssp"})
     sample = SampleSize(count=2)
-    async with cluster(3, manifest, barrier="pssp", sample=sample) as nodes:
-        async with trainers(nodes, models[:3]) as running:
-            tasks = [
-                asyncio.create_task(t.train(endless_batches(i), steps=400))
-                for i, t in enumerate(running)
+    async with (
+        cluster(3, manifest, barrier="pssp", sample=sample) as nodes,
+        trainers(nodes, models[:3]) as running,
+    ):
+        tasks = [
+            asyncio.create_task(t.train(endless_batches(i), steps=400))
+            for i, t in enumerate(running)
+        ]
+        await wait_until(lambda: min(n.step for n in nodes) >= 20)
+        config = node_config(3, bootstrap=(nodes[0].overlay.addr,), barrier="pssp", sample=sample)
+        async with (
+            Node(config, manifest) as late,
+            Trainer(late, models[3], sgd(models[3])) as t,
+        ):
+            start = await t.join()
+            assert start >= 20 and late.step == start
+            moved = [
+                not torch.equal(a, b)
+                for a, b in zip(models[3].parameters(), initial_params(), strict=True)
             ]
-            await wait_until(lambda: min(n.step for n in nodes) >= 20)
-            config = node_config(
-                3, bootstrap=(nodes[0].overlay.addr,), barrier="pssp", sample=sample
-            )
-            async with (
-                Node(config, manifest) as late,
-                Trainer(late, models[3], sgd(models[3])) as t,
-            ):
-                start = await t.join()
-                assert start >= 20 and late.step == start
-                moved = [
-                    not torch.equal(a, b)
-                    for a, b in zip(models[3].parameters(), initial_params(), strict=True)
-                ]
-                assert all(moved), "the late node still holds the initial model"
-                result = await asyncio.wait_for(t.train(endless_batches(3), steps=400), 60)
-                assert result.start_step == start and result.steps == 400
-            results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            assert all(moved), "the late node still holds the initial model"
+            result = await asyncio.wait_for(t.train(endless_batches(3), steps=400), 60)
+            assert result.start_step == start and result.steps == 400
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
     assert [r.steps for r in results] == [400] * 3
     assert any(r.counters["deltas_received"] > 0 for r in results)
 
@@ -226,18 +228,20 @@ async def test_node_joining_mid_run_starts_from_the_current_model_not_from_scrat
 async def test_killing_one_of_six_nodes_mid_run_lets_the_others_train_and_finish():
     models = [tiny_model() for _ in range(6)]
     manifest = run_manifest("kill", models[0], {"barrier": "pssp"})
-    async with cluster(6, manifest, barrier="pssp", sample=SampleSize(count=2)) as nodes:
-        async with trainers(nodes, models) as running:
-            tasks = [
-                asyncio.create_task(t.train(endless_batches(i), steps=150))
-                for i, t in enumerate(running)
-            ]
-            await wait_until(lambda: nodes[5].step >= 30)
-            tasks[5].cancel()  # the node vanishes: no finish, its sockets close
-            with contextlib.suppress(asyncio.CancelledError):
-                await tasks[5]
-            await nodes[5].__aexit__(None, None, None)
-            results = await asyncio.wait_for(asyncio.gather(*tasks[:5]), 60)
+    async with (
+        cluster(6, manifest, barrier="pssp", sample=SampleSize(count=2)) as nodes,
+        trainers(nodes, models) as running,
+    ):
+        tasks = [
+            asyncio.create_task(t.train(endless_batches(i), steps=150))
+            for i, t in enumerate(running)
+        ]
+        await wait_until(lambda: nodes[5].step >= 30)
+        tasks[5].cancel()  # the node vanishes: no finish, its sockets close
+        with contextlib.suppress(asyncio.CancelledError):
+            await tasks[5]
+        await nodes[5].__aexit__(None, None, None)
+        results = await asyncio.wait_for(asyncio.gather(*tasks[:5]), 60)
     assert [r.steps for r in results] == [150] * 5
     # the dead node was noticed by missed RPCs: it is forgotten, not waited on
     assert all(nodes[5].peer_id not in n.peers.live() for n in nodes[:5])
@@ -247,12 +251,10 @@ async def test_killing_one_of_six_nodes_mid_run_lets_the_others_train_and_finish
 async def test_finished_nodes_never_stall_a_bsp_run():
     models = [tiny_model() for _ in range(3)]
     manifest = run_manifest("finish", models[0], {"barrier": "bsp"})
-    async with cluster(3, manifest, barrier="bsp") as nodes:
-        async with trainers(nodes, models) as running:
-            short, *long = [
-                t.train(endless_batches(i), steps=10 if i == 0 else 40)
-                for i, t in enumerate(running)
-            ]
-            results = await asyncio.wait_for(asyncio.gather(short, *long), 30)
+    async with cluster(3, manifest, barrier="bsp") as nodes, trainers(nodes, models) as running:
+        short, *long = [
+            t.train(endless_batches(i), steps=10 if i == 0 else 40) for i, t in enumerate(running)
+        ]
+        results = await asyncio.wait_for(asyncio.gather(short, *long), 30)
     assert [r.steps for r in results] == [10, 40, 40]
     assert all(n.peers.peers[nodes[0].peer_id].done for n in nodes[1:])

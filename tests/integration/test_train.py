@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from nodes import node_config
+
 from p2pml.core.sampling import SampleSize
 from p2pml.train.checkpoint import load_model
 from p2pml.train.session import Session
@@ -24,8 +24,15 @@ async def run_sessions(n: int, *, steps: int, tmp_path=None, **node_fields):
         config = node_config(i, min_peers=n - 1, **node_fields)
         sessions.append(
             Session.build(
-                config, run_id="converge", model="mlp", dataset="mnist-5k", lr=0.05,
-                momentum=0.9, batch_size=64, seed=3, shard=(i, n),
+                config,
+                run_id="converge",
+                model="mlp",
+                dataset="mnist-5k",
+                lr=0.05,
+                momentum=0.9,
+                batch_size=64,
+                seed=3,
+                shard=(i, n),
             )
         )
 
