@@ -221,19 +221,23 @@ class Trainer:
         *,
         steps: int,
         on_step: Callable[[StepLog], None] | None = None,
+        time_budget_s: float | None = None,
     ) -> TrainResult:
-        """Train until the node has completed `steps` steps, then finish and linger.
+        """Train until the node has completed `steps` steps (or `time_budget_s` has passed),
+        then apply the last deltas, evaluate, finish and linger.
 
         Args:
             batches: (inputs, targets) pairs, numpy or torch, one per step; drawn in the
                 compute thread, so the iterator may do work.
-            on_step: called on the loop with each step's log line.
+            on_step: called on the loop with each step's log line; the last line carries the
+                final accuracy.
+            time_budget_s: stop after the step that ends past this many seconds.
         """
         node, began = self.node, time.monotonic()
         start = await self.join()
         it = iter(batches)
         waited = 0.0
-        last: tuple[int, float, WaitRecord, float] | None = None
+        pending: tuple[int, float, WaitRecord, float] | None = None
         while node.step < steps:
             step = node.step
             wait = await node.barrier()
@@ -246,17 +250,18 @@ class Trainer:
             await node.publish(step, delta)
             if self._gossip_due(step):
                 await self._gossip()
-            last = (step, loss, wait, compute_s)
-            if step + 1 == steps:
-                break  # its line carries the final accuracy, after _settle
+            out_of_time = time_budget_s is not None and time.monotonic() - began >= time_budget_s
+            if step + 1 == steps or out_of_time:
+                pending = (step, loss, wait, compute_s)  # logged with the final accuracy
+                break
             accuracy = None
             if self.eval_every and (step + 1) % self.eval_every == 0:
                 accuracy = await self._run(self._evaluate)
             if on_step is not None:
                 on_step(self._log(step, loss, accuracy, wait, began, compute_s))
-        accuracy = await self._settle(steps)
-        if on_step is not None and last is not None:
-            step, loss, wait, compute_s = last
+        accuracy = await self._settle()
+        if on_step is not None and pending is not None:
+            step, loss, wait, compute_s = pending
             on_step(self._log(step, loss, accuracy, wait, began, compute_s))
         await node.finish()
         return TrainResult(
@@ -269,7 +274,7 @@ class Trainer:
             counters=dict(node.counters),
         )
 
-    async def _settle(self, steps: int) -> float | None:
+    async def _settle(self) -> float | None:
         """After the last step: wait until the barrier's peers are done too, so their last
         deltas are here, apply them, and evaluate the final model."""
         try:

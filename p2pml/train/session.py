@@ -98,6 +98,7 @@ class Session:
         on_step: Callable[[StepLog], None] | None = None,
         save: Path | None = None,
         on_ready: Callable[[Node], None] | None = None,
+        time_budget_s: float | None = None,
     ) -> TrainResult:
         """Join, wait for `min_peers`, train `steps` steps, finish, and save the model."""
         data = self.data
@@ -118,7 +119,9 @@ class Session:
                 eval_every=eval_every,
                 slow_s=slow_s,
             ) as trainer:
-                result = await trainer.train(stream, steps=steps, on_step=on_step)
+                result = await trainer.train(
+                    stream, steps=steps, on_step=on_step, time_budget_s=time_budget_s
+                )
         if save is not None:
             blobs = to_blobs([(n, p.detach().clone()) for n, p in trainable(self.model)])
             await asyncio.to_thread(save_model, save, self.manifest.tag, result.steps, blobs)

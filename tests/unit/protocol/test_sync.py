@@ -445,7 +445,9 @@ class SyncAgainstModel(RuleBasedStateMachine):
         self.checks = self.asked = self.unanswered = 0
         self.blockers: list[PeerId] = []
 
-    @initialize(name=st.sampled_from(BARRIER_NAMES), staleness=st.integers(0, 3), strict=st.booleans())
+    @initialize(
+        name=st.sampled_from(BARRIER_NAMES), staleness=st.integers(0, 3), strict=st.booleans()
+    )
     def start(self, name: str, staleness: int, strict: bool) -> None:
         if strict:
             staleness = max(1, staleness)
@@ -455,7 +457,12 @@ class SyncAgainstModel(RuleBasedStateMachine):
             recheck_s=_MODEL_RECHECK_S,
             recheck_max_s=_MODEL_RECHECK_MAX_S,
         )
-        bounds = {"bsp": 0, "pbsp": 0, "ssp": staleness - int(strict), "pssp": staleness - int(strict)}
+        bounds = {
+            "bsp": 0,
+            "pbsp": 0,
+            "ssp": staleness - int(strict),
+            "pssp": staleness - int(strict),
+        }
         self.bound = bounds.get(name, math.inf)  # asp: no bound
 
     @rule(my_step=st.integers(0, 6), dt=_TIMES)
