@@ -65,6 +65,7 @@ VERIFY_BATCH = 100
 START_TIMEOUT_S = 30.0
 ROUND_TIMEOUT_S = 1.0
 TAG_BYTES = 8
+SCRIPT = Path(__file__).resolve()
 
 
 def overlay_config(i: int) -> OverlayConfig:
@@ -104,7 +105,9 @@ async def serve(n: int, reply_size: int) -> None:
     async with AsyncExitStack() as stack:
         overlays: list[KademliaOverlay] = []
         for i in range(n):
-            o = await stack.enter_async_context(KademliaOverlay(overlay_config(i), NodeKey.generate()))
+            o = await stack.enter_async_context(
+                KademliaOverlay(overlay_config(i), NodeKey.generate())
+            )
             o.set_step(STEP)
             overlays.append(o)
         for o in overlays[1:]:
@@ -173,11 +176,12 @@ async def signed_check(
     return decide(view, PbspParams(beta))
 
 
-async def timed(round_: Callable[[], Awaitable[object]]) -> float:
-    started = time.perf_counter()
+async def timed(round_: Callable[[], Awaitable[object]]) -> tuple[float, float]:
+    """Wall seconds of one round, and the CPU seconds this (single-threaded) process spent."""
+    started, cpu = time.perf_counter(), time.thread_time()
     async with asyncio.timeout(ROUND_TIMEOUT_S):
         await round_()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.thread_time() - cpu
 
 
 async def measure(
@@ -188,9 +192,14 @@ async def measure(
     reps: int,
     warmup: int,
 ) -> dict[str, dict[int, list[float]]]:
-    """Seconds per round, interleaved: every repetition runs raw and signed at every beta."""
+    """Seconds per round, interleaved: every repetition runs raw and signed at every beta.
+
+    Keys: "raw", "signed" (wall time) and "raw_cpu", "signed_cpu" (this process's CPU time).
+    """
     contacts, rng = overlay.contacts(), random.Random(1)
-    times: dict[str, dict[int, list[float]]] = {"raw": {}, "signed": {}}
+    times: dict[str, dict[int, list[float]]] = {
+        k: {b: [] for b in BETAS} for k in ("raw", "signed", "raw_cpu", "signed_cpu")
+    }
     for rep in range(warmup + reps):
         for beta in BETAS:
             rounds = {
@@ -198,9 +207,10 @@ async def measure(
                 "signed": lambda b=beta: signed_check(overlay, contacts, b, rng),
             }
             for name in sorted(rounds, reverse=rep % 2 == 1):  # alternate which goes first
-                seconds = await timed(rounds[name])
+                seconds, cpu = await timed(rounds[name])
                 if rep >= warmup:
-                    times[name].setdefault(beta, []).append(seconds)
+                    times[name][beta].append(seconds)
+                    times[f"{name}_cpu"][beta].append(cpu)
     return times
 
 
@@ -248,7 +258,7 @@ async def start_responders(
     """Start the ``--serve`` process, stopped when `stack` closes; returns its addresses."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        str(Path(__file__).resolve()),
+        str(SCRIPT),
         "--serve",
         "--reply-size",
         str(reply_size),
@@ -279,6 +289,7 @@ async def start_responders(
 
 async def bench(args: argparse.Namespace) -> dict[str, object]:
     request_size, reply_size = wire_sizes()
+    load = [round(x, 2) for x in os.getloadavg()]
     loop = asyncio.get_running_loop()
     async with AsyncExitStack() as stack:
         addrs = await start_responders(stack, request_size, reply_size)
@@ -304,47 +315,50 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
         "times": times,
         "cpu": cpu_costs(),
         "checker_counters": counters,
+        "load_average": load,
+    }
+
+
+def _row(label: str, beta: int, values: list[float], **extra: object) -> dict[str, object]:
+    return {
+        "row": label,
+        "beta": beta,
+        "median_ms": statistics.median(values) * 1e3,
+        "p95_ms": quantile(values, 0.95) * 1e3,
+        **extra,
     }
 
 
 def summarise(result: dict[str, object], reps: int) -> dict[str, object]:
-    times = result["times"]
-    assert isinstance(times, dict)
+    times, cpu = result["times"], result["cpu"]
+    assert isinstance(times, dict) and isinstance(cpu, dict)
     rows: list[dict[str, object]] = []
     for beta in BETAS:
         raw_ms = statistics.median(times["raw"][beta]) * 1e3
-        for name, label in (("raw", "raw UDP ping-pong (baseline)"), ("signed", "barrier check")):
-            values = times[name][beta]
-            median = statistics.median(values) * 1e3
-            rows.append(
-                {
-                    "row": f"{label} (β={beta}{', signed' if name == 'signed' else ''})",
-                    "beta": beta,
-                    "median_ms": median,
-                    "p95_ms": quantile(values, 0.95) * 1e3,
-                    "ratio": median / raw_ms,
-                }
+        for name, label in (("raw", "raw UDP ping-pong"), ("signed", "barrier check")):
+            row = _row(
+                f"{label} (β={beta}{', signed' if name == 'signed' else ''})",
+                beta,
+                times[name][beta],
+                checker_cpu_ms=statistics.median(times[f"{name}_cpu"][beta]) * 1e3,
             )
-    cpu = result["cpu"]
-    assert isinstance(cpu, dict)
+            row["ratio"] = row["median_ms"] / raw_ms  # type: ignore[operator]
+            rows.append(row)
     for name, values in cpu.items():
-        rows.append(
-            {
-                "row": f"{name}, per reply",
-                "beta": 1,
-                "median_ms": statistics.median(values) * 1e3,
-                "p95_ms": quantile(values, 0.95) * 1e3,
-                "ratio": None,
-            }
-        )
+        rows.append(_row(f"{name}, per reply", 1, values, checker_cpu_ms=None, ratio=None))
     check = statistics.median(times["signed"][TARGET_BETA]) * 1e3
+    check_cpu = statistics.median(times["signed_cpu"][TARGET_BETA]) * 1e3
+    per_reply = statistics.median(cpu["open_signed (whole reply check)"]) * 1e3
     return {
         "reps": reps,
         "request_bytes": result["request_bytes"],
         "reply_bytes": result["reply_bytes"],
+        "load_average": result["load_average"],
         "rows": rows,
         "target_ms": TARGET_MS,
         "check_median_ms": check,
+        "check_cpu_median_ms": check_cpu,
+        "reply_checks_ms": TARGET_BETA * per_reply,
         "meets_target": check <= TARGET_MS,
         "checker_counters": result["checker_counters"],
     }
@@ -352,20 +366,30 @@ def summarise(result: dict[str, object], reps: int) -> dict[str, object]:
 
 def print_table(summary: dict[str, object], console: Console) -> None:
     title = (
-        f"barrier check on loopback, {summary['reps']} reps per row, interleaved; "
-        f"step request {summary['request_bytes']} B, reply {summary['reply_bytes']} B"
+        f"barrier check on loopback, {summary['reps']} interleaved reps per row; step request "
+        f"{summary['request_bytes']} B, reply {summary['reply_bytes']} B"
     )
     table = Table(title=title)
-    for name in ("row", "β", "median ms", "p95 ms", "ratio vs raw UDP"):
+    for name in ("row", "β", "median ms", "p95 ms", "checker CPU ms", "ratio vs raw UDP"):
         table.add_column(name, justify="left" if name == "row" else "right")
     rows = summary["rows"]
     assert isinstance(rows, list)
     for row in rows:
-        ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        cpu, ratio = row["checker_cpu_ms"], row["ratio"]
         table.add_row(
-            row["row"], str(row["beta"]), f"{row['median_ms']:.4f}", f"{row['p95_ms']:.4f}", ratio
+            row["row"],
+            str(row["beta"]),
+            f"{row['median_ms']:.3f}",
+            f"{row['p95_ms']:.3f}",
+            "" if cpu is None else f"{cpu:.3f}",
+            "" if ratio is None else f"{ratio:.2f}",
         )
     console.print(table)
+    console.print(
+        f"β={TARGET_BETA}: the checker spent {summary['check_cpu_median_ms']:.3f} ms of CPU per "
+        f"check (median), of which {TARGET_BETA} x open_signed = {summary['reply_checks_ms']:.3f}"
+        f" ms; load average (1, 5, 15 min) before the run: {summary['load_average']}"
+    )
     verdict = "met" if summary["meets_target"] else "missed"
     console.print(
         f"target: β={TARGET_BETA} check <= {TARGET_MS:g} ms: {verdict} "

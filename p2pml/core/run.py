@@ -145,7 +145,8 @@ class NodeConfig:
         max_delta_age: a delta of step t reaching a node that has completed c steps is refused as
             stale when c - 1 - t exceeds this; None means the staleness bound s.
         recheck_s, recheck_max_s: a blocked barrier re-checks after `recheck_s`, doubling up to
-            `recheck_max_s`.
+            `recheck_max_s`; keep the cap well below a step time (a check is beta small RPCs), or
+            a probabilistic barrier spends its gains sleeping (benchmarks/stragglers.py).
         barrier_timeout_s: the longest one barrier wait may take (BarrierTimeout after it).
         ack_timeout_s: how long a push waits for its acknowledgement.
         max_queued_deltas: received deltas waiting to be applied; more are refused (503).
@@ -167,8 +168,8 @@ class NodeConfig:
     fanout: int = 8
     average_every: int = 10
     max_delta_age: int | None = None
-    recheck_s: float = 0.005
-    recheck_max_s: float = 0.1
+    recheck_s: float = 0.002
+    recheck_max_s: float = 0.025
     barrier_timeout_s: float = 600.0
     ack_timeout_s: float = 30.0
     max_queued_deltas: int = 256

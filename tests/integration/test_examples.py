@@ -45,3 +45,20 @@ def test_overlay_swarm_example_prints_one_row_per_node():
     assert len(rows) == 9
     assert all(row.split()[2] == "8" for row in rows[1:])  # a small network is counted exactly
     assert all(len(row.split()) == 6 for row in rows[1:])  # three sampled peers each
+
+
+def test_three_nodes_example_trains_every_node():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "three_nodes.py"), "--steps", "60"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = proc.stdout.strip().splitlines()
+    assert rows[0].split() == ["node", "steps", "accuracy", "waited_s", "deltas_received"]
+    assert len(rows) == 4
+    for row in rows[1:]:
+        _, steps, accuracy, _, received = row.split()
+        assert int(steps) == 60 and float(accuracy) > 0.5 and int(received) > 0
