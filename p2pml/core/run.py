@@ -148,7 +148,8 @@ class NodeConfig:
             `recheck_max_s`; keep the cap well below a step time (a check is beta small RPCs), or
             a probabilistic barrier spends its gains sleeping (benchmarks/stragglers.py).
         barrier_timeout_s: the longest one barrier wait may take (BarrierTimeout after it).
-        ack_timeout_s: how long a push waits for its acknowledgement.
+        ack_timeout_s: how long a push waits for its acknowledgement, on top of the time the
+            data plane allows for sending the body (`DataPlaneConfig.body_deadline_s`).
         max_queued_deltas: received deltas waiting to be applied; more are refused (503).
         misses_to_forget: unanswered RPCs after which a run peer is forgotten.
         discover_interval_s: how often the node looks for run peers it does not know yet.
@@ -171,7 +172,7 @@ class NodeConfig:
     recheck_s: float = 0.002
     recheck_max_s: float = 0.025
     barrier_timeout_s: float = 600.0
-    ack_timeout_s: float = 30.0
+    ack_timeout_s: float = 5.0
     max_queued_deltas: int = 256
     misses_to_forget: int = 2
     discover_interval_s: float = 2.0

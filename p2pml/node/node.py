@@ -348,8 +348,10 @@ class Node:
         rp = self.peers.peers.get(peer)
         if rp is None:
             return False
+        n_bytes = sum(b.nbytes for b in msg.tensors)
+        budget = self.config.ack_timeout_s + self.config.data.body_deadline_s(n_bytes)
         try:
-            async with asyncio.timeout(self.config.ack_timeout_s):
+            async with asyncio.timeout(budget):
                 await self.client.push_delta(rp.http, msg)
             return True
         except PeerRejected as err:
@@ -393,12 +395,12 @@ class Node:
             completed=self._completed,
             max_age=self.config.delta_age_limit,
         )
+        if len(self._queue) >= self.config.max_queued_deltas:
+            raise Refused("queue_full", f"{len(self._queue)} deltas already wait to be applied")
         if sum(b.nbytes for b in msg.tensors) > OFFLOAD_BYTES:
             await asyncio.to_thread(rules.check_finite, msg)
         else:
             rules.check_finite(msg)
-        if len(self._queue) >= self.config.max_queued_deltas:
-            raise Refused("queue_full", f"{len(self._queue)} deltas already wait to be applied")
 
     async def _is_run_peer(self, sender: PeerId) -> bool:
         if sender in self.peers:
@@ -433,8 +435,8 @@ class Node:
         if len(due) == len(self._queue):
             self._queue.clear()
         else:
-            kept = [m for m in self._queue if m not in due]
-            self._queue = deque(kept)
+            taken = {id(m) for m in due}  # identity: DeltaPush equality compares payloads
+            self._queue = deque(m for m in self._queue if id(m) not in taken)
         return due
 
     # -- models ----------------------------------------------------------------------------------
