@@ -43,6 +43,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/simulator.py
 	$(BIN)/python benchmarks/data_plane.py
 	$(BIN)/python benchmarks/overlay.py
+	$(BIN)/python benchmarks/barrier.py
+	$(BIN)/python benchmarks/stragglers.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
