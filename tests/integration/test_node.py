@@ -258,3 +258,41 @@ async def test_finished_nodes_never_stall_a_bsp_run():
         results = await asyncio.wait_for(asyncio.gather(short, *long), 30)
     assert [r.steps for r in results] == [10, 40, 40]
     assert all(n.peers.peers[nodes[0].peer_id].done for n in nodes[1:])
+
+
+async def test_beyond_full_delivery_deltas_fan_out_and_models_are_averaged():
+    models = [tiny_model() for _ in range(4)]
+    manifest = run_manifest("gossip", models[0], {"barrier": "pssp"})
+    async with (
+        cluster(
+            4,
+            manifest,
+            barrier="pssp",
+            sample=SampleSize(count=1),
+            full_delivery_max=2,
+            fanout=1,
+            average_every=5,
+        ) as nodes,
+        trainers(nodes, models) as running,
+    ):
+        assert all(n.gossiping and n.weight() == 0.5 for n in nodes)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(t.train(endless_batches(i), steps=30) for i, t in enumerate(running))),
+            30,
+        )
+    for r in results:
+        assert r.counters["deltas_sent"] <= 30  # one target per step, not three
+        assert r.counters["model_averages"] >= 1
+
+
+async def test_torch_runs_only_in_the_compute_thread():
+    import threading
+
+    models = [tiny_model() for _ in range(2)]
+    seen: set[str] = set()
+    for m in models:
+        m.register_forward_hook(lambda *_: seen.add(threading.current_thread().name))
+    manifest = run_manifest("threads", models[0], {})
+    async with cluster(2, manifest, barrier="bsp") as nodes, trainers(nodes, models) as running:
+        await asyncio.gather(*(t.train(endless_batches(i), steps=5) for i, t in enumerate(running)))
+    assert seen and all(name.startswith("p2pml-compute") for name in seen), seen
