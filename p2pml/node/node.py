@@ -27,6 +27,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Final, Protocol, Self
 
+from p2pml.core.barrier import Decision
 from p2pml.core.run import NodeConfig, RunManifest
 from p2pml.core.sampling import sample_peers
 from p2pml.core.types import Address, PeerId, Step
@@ -54,7 +55,7 @@ from p2pml.protocol.messages import (
     ModelUnchanged,
     TensorBlob,
 )
-from p2pml.protocol.sync import SyncMachine, WaitRecord
+from p2pml.protocol.sync import Phase, SyncMachine, WaitRecord
 
 __all__ = ["ModelSource", "Node", "PushReport"]
 
@@ -277,23 +278,25 @@ class Node:
                     decision = self.sync.receive(
                         answers, now=loop.time(), population_estimate=self.n_hat()
                     )
-                    if decision.value == "proceed":
+                    if decision is Decision.PROCEED:
                         break
                     deadline = self.sync.next_deadline()
                     assert deadline is not None
                     await asyncio.sleep(max(0.0, deadline - loop.time()))
                     self.sync.on_timer(now=max(loop.time(), deadline))
         except TimeoutError:
-            self.sync = SyncMachine(
-                self.sync.params,
-                self.sync.sample,
-                recheck_s=self.config.recheck_s,
-                recheck_max_s=self.config.recheck_max_s,
-            )
             raise BarrierTimeout(
                 f"barrier {self.config.barrier} before step {self._completed} still blocked "
                 f"after {budget:g} s"
             ) from None
+        finally:
+            if self.sync.phase is not Phase.IDLE:  # timed out or cancelled: start afresh next time
+                self.sync = SyncMachine(
+                    self.sync.params,
+                    self.sync.sample,
+                    recheck_s=self.config.recheck_s,
+                    recheck_max_s=self.config.recheck_max_s,
+                )
         record = self.sync.drain_events()[-1]
         self.waits.append(record)
         return record

@@ -11,7 +11,7 @@ import torch
 from nodes import cluster, node_config
 
 from p2pml.core.sampling import SampleSize
-from p2pml.errors import PeerRejected
+from p2pml.errors import BarrierTimeout, PeerRejected
 from p2pml.node.node import Node
 from p2pml.protocol.messages import NO_VERSION, DeltaPush, ModelRequest, TensorBlob
 from p2pml.train.loop import Trainer
@@ -296,3 +296,15 @@ async def test_torch_runs_only_in_the_compute_thread():
     async with cluster(2, manifest, barrier="bsp") as nodes, trainers(nodes, models) as running:
         await asyncio.gather(*(t.train(endless_batches(i), steps=5) for i, t in enumerate(running)))
     assert seen and all(name.startswith("p2pml-compute") for name in seen), seen
+
+
+async def test_a_barrier_that_times_out_raises_and_the_next_wait_starts_afresh():
+    model = tiny_model()
+    manifest = run_manifest("timeout", model, {})
+    async with cluster(2, manifest, barrier="bsp") as (ahead, behind):
+        ahead.resume_at(3)  # its peer is still at step 0: BSP must wait
+        with pytest.raises(BarrierTimeout, match="before step 3"):
+            await ahead.barrier(timeout_s=0.2)
+        behind.resume_at(3)
+        record = await ahead.barrier(timeout_s=5)
+        assert record.step == 3 and record.n_checks >= 1
