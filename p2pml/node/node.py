@@ -433,7 +433,7 @@ class Node:
 
     def take_deltas(self) -> list[DeltaPush]:
         """The queued deltas due before the next step (all of them, except under BSP)."""
-        lockstep = self.config.barrier == "bsp"
+        lockstep = self.sync.lockstep
         due = [m for m in self._queue if rules.is_due(m.step, self._completed, lockstep=lockstep)]
         if len(due) == len(self._queue):
             self._queue.clear()

@@ -105,6 +105,11 @@ class SyncMachine:
         """BSP and SSP observe every known node rather than a sample."""
         return isinstance(self.params, BspParams | SspParams)
 
+    @property
+    def lockstep(self) -> bool:
+        """BSP keeps every node on one model: deltas of steps not yet computed here wait."""
+        return isinstance(self.params, BspParams)
+
     def sample_size(self, population_estimate: float) -> int | None:
         """How many peers the next check asks: None for every known peer (bsp, ssp), else beta
         (0 for asp; a fraction is taken of `population_estimate`)."""

@@ -8,7 +8,7 @@ import math
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from p2pml.core.barrier import BARRIER_NAMES, Decision, make_params
 from p2pml.core.sampling import SampleSize
@@ -424,10 +424,17 @@ _MODEL_RECHECK_S = 0.01
 _MODEL_RECHECK_MAX_S = 0.08
 # Time steps that hit backoff deadlines exactly as well as before and after them.
 _TIMES = st.sampled_from([0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.08])
-_REPORTS = st.builds(
-    StepReport, st.integers(0, 8).map(Step), st.integers(0, 4).map(lambda i: i == 0)
-)
-_ANSWERS = st.dictionaries(st.integers(0, 19), st.none() | _REPORTS | _REPORTS, max_size=8)
+# One code per answer: -2 and -1 no answer, 0-8 a step, 9 and 10 finished at step 0 or 1.
+_CODES = st.lists(st.integers(-2, 10), max_size=8)
+
+
+def _answers(offset: int, codes: list[int]) -> dict[PeerId, StepReport | None]:
+    """Answers from distinct peers out of 20, in no particular id order."""
+    peers = [pid((offset + 7 * i) % 20) for i in range(len(codes))]
+    return {
+        p: None if c < 0 else at(c) if c <= 8 else at(c - 9, done=True)
+        for p, c in zip(peers, codes, strict=True)
+    }
 
 
 class SyncAgainstModel(RuleBasedStateMachine):
@@ -478,21 +485,26 @@ class SyncAgainstModel(RuleBasedStateMachine):
         self.checks = self.asked = self.unanswered = 0
         self.blockers = []
 
-    @rule(answers=_ANSWERS, dt=_TIMES, estimate=st.floats(0.0, 1000.0))
-    def receive(self, answers: dict[int, StepReport | None], dt: float, estimate: float) -> None:
+    @rule(
+        offset=st.integers(0, 19),
+        codes=_CODES,
+        dt=_TIMES,
+        estimate=st.sampled_from([0.0, 0.5, 7.0, 1e4]),
+    )
+    def receive(self, offset: int, codes: list[int], dt: float, estimate: float) -> None:
         self.now += dt
-        reports = {pid(i): a for i, a in answers.items()}
+        answers = _answers(offset, codes)
         if self.phase != "asking":
             with pytest.raises(UnexpectedMessage):
-                self.sync.receive(reports, now=self.now, population_estimate=estimate)
+                self.sync.receive(answers, now=self.now, population_estimate=estimate)
             return
-        decision = self.sync.receive(reports, now=self.now, population_estimate=estimate)
+        decision = self.sync.receive(answers, now=self.now, population_estimate=estimate)
         self.checks += 1
-        self.asked += len(reports)
-        self.unanswered += sum(a is None for a in reports.values())
+        self.asked += len(answers)
+        self.unanswered += sum(a is None for a in answers.values())
         floor = self.my_step - self.bound
         behind = sorted(
-            p for p, a in reports.items() if a is not None and not a.done and a.step < floor
+            p for p, a in answers.items() if a is not None and not a.done and a.step < floor
         )
         if not behind:
             assert decision is PROCEED
@@ -515,13 +527,24 @@ class SyncAgainstModel(RuleBasedStateMachine):
         self.phase, self.deadline = "backoff", self.now + self.backoff
         self.backoff = min(2 * self.backoff, _MODEL_RECHECK_MAX_S)
 
-    @rule(dt=_TIMES)
-    def timer(self, dt: float) -> None:
-        self.now += dt
+    def _timer(self) -> None:
         due = self.phase == "backoff" and self.deadline is not None and self.now >= self.deadline
         assert self.sync.on_timer(now=self.now) is due
         if due:
             self.phase, self.deadline = "asking", None
+
+    @rule(dt=_TIMES)
+    def timer(self, dt: float) -> None:
+        self.now += dt
+        self._timer()
+
+    @precondition(lambda self: self.deadline is not None)
+    @rule()
+    def timer_at_the_deadline(self) -> None:
+        """The driver's timer fires exactly at `next_deadline()`."""
+        assert self.deadline is not None
+        self.now = max(self.now, self.deadline)
+        self._timer()
 
     @invariant()
     def agrees_with_the_model(self) -> None:
@@ -531,4 +554,4 @@ class SyncAgainstModel(RuleBasedStateMachine):
 
 
 TestSyncAgainstModel = SyncAgainstModel.TestCase
-TestSyncAgainstModel.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)
+TestSyncAgainstModel.settings = settings(max_examples=250, stateful_step_count=40, deadline=None)
