@@ -15,6 +15,7 @@ from p2pml.core.barrier import (
     make_params,
 )
 from p2pml.core.config import SimConfig, StepTimeConfig
+from p2pml.core.run import NodeConfig, RunManifest
 from p2pml.core.sampling import SampleSize, pass_probability, sample_peers
 from p2pml.core.types import Address, PeerId, PeerInfo, Step
 from p2pml.errors import (
@@ -25,6 +26,7 @@ from p2pml.errors import (
     PeerTimeout,
     PeerUnreachable,
     ProtocolError,
+    Refused,
     TransportError,
     UnexpectedMessage,
     WireFormatError,
@@ -40,6 +42,7 @@ __all__ = [
     "BarrierView",
     "ConfigError",
     "Decision",
+    "NodeConfig",
     "OverlayError",
     "P2PMLError",
     "PeerId",
@@ -47,6 +50,8 @@ __all__ = [
     "PeerTimeout",
     "PeerUnreachable",
     "ProtocolError",
+    "Refused",
+    "RunManifest",
     "SampleSize",
     "SimConfig",
     "Step",

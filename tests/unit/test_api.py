@@ -32,6 +32,12 @@ def test_importing_p2pml_loads_no_heavy_dependency():
     assert out.stdout.strip() == ""
 
 
+def test_a_node_without_training_loads_no_torch():
+    code = "import sys, p2pml.node.node; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_only_the_overlay_kad_module_imports_kademlia():
     import pathlib
     import re
