@@ -37,6 +37,7 @@ __all__ = [
 HyperValue = str | int | float | bool | None
 _RUN_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _DIGEST_BYTES: Final = 8
+_DTYPES: Final = ("float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +79,21 @@ class RunManifest:
                 "1-96 letters, digits, '.', '_' or '-', starting with one of the first two",
             )
         for name, value in hyperparameters.items():
+            if not isinstance(name, str) or not isinstance(value, HyperValue):
+                raise ConfigError(
+                    f"hyperparameter {name}", value, "a string, number, boolean or None"
+                )
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"hyperparameter {name}", value, "a finite number")
+        for spec in params:
+            if spec.dtype not in _DTYPES or any(
+                isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in spec.shape
+            ):
+                raise ConfigError(
+                    f"parameter {spec.name}",
+                    f"{spec.dtype} {spec.shape}",
+                    f"a dtype of {', '.join(_DTYPES)} and dimensions >= 0",
+                )
         if not params:
             raise ConfigError("model parameters", "none", "at least one parameter tensor")
         return cls(run_id, tuple(sorted(hyperparameters.items())), tuple(params))
@@ -109,6 +123,8 @@ class RunManifest:
         if other_tag == self.tag:
             return None
         other_id, _, other_digest = other_tag.partition("@")
+        if not other_id:
+            return f"it is in no run, this node in run {self.run_id!r}"
         if other_id != self.run_id:
             return f"it is in run {other_id!r}, this node in run {self.run_id!r}"
         return (
@@ -120,6 +136,10 @@ class RunManifest:
 def _digest(obj: object) -> str:
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.blake2b(text.encode(), digest_size=_DIGEST_BYTES).hexdigest()
+
+
+def _is_seconds(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 def parse_run_tag(tag: str) -> tuple[str, str]:
@@ -197,6 +217,13 @@ class NodeConfig:
         age = self.max_delta_age
         if age is not None and (isinstance(age, bool) or not isinstance(age, int) or age < 0):
             raise ConfigError("max_delta_age", age, "an integer >= 0, or unset for s")
+        if not isinstance(self.strict, bool):
+            raise ConfigError("strict", self.strict, "true or false")
+        beta = self.sample
+        if not isinstance(beta, SampleSize) or (beta.count is None) == (beta.fraction is None):
+            raise ConfigError("sample", beta, "a count of peers or a fraction of N^")
+        if beta.count is not None and beta.count < 0:
+            raise ConfigError("sample", beta.count, "a whole number of peers >= 0")
         for name in (
             "join_timeout_s",
             "recheck_s",
@@ -206,10 +233,14 @@ class NodeConfig:
             "discover_interval_s",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            if not _is_seconds(value) or value <= 0:
                 raise ConfigError(name, value, "a finite number > 0")
-        if not isinstance(self.linger_s, int | float) or not 0 <= self.linger_s < math.inf:
+        if not _is_seconds(self.linger_s) or self.linger_s < 0:
             raise ConfigError("linger_s", self.linger_s, "a finite number >= 0")
+        if self.recheck_max_s < self.recheck_s:
+            raise ConfigError(
+                "recheck_max_s", self.recheck_max_s, f">= recheck_s ({self.recheck_s})"
+            )
         return self
 
     def params(self) -> BarrierParams:

@@ -67,7 +67,8 @@ def plan_delivery(
     """
     if len(peers) + 1 <= full_delivery_max:
         return Delivery(tuple(peers), len(peers) + 1, gossip=False)
-    return Delivery(tuple(sample_peers(peers, fanout, rng)), fanout + 1, gossip=True)
+    targets = tuple(sample_peers(peers, fanout, rng))
+    return Delivery(targets, len(targets) + 1, gossip=True)
 
 
 def check_tensors(

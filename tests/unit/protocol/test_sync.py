@@ -349,6 +349,14 @@ def test_sync_asks_everyone_only_for_bsp_and_ssp(name, expected):
     assert machine(name, staleness=1).asks_everyone is expected
 
 
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("bsp", True), ("ssp", False), ("asp", False), ("pbsp", False), ("pssp", False)],
+)
+def test_sync_lockstep_only_for_bsp(name, expected):
+    assert machine(name, staleness=1).lockstep is expected
+
+
 # --- wait records -----------------------------------------------------------------------------
 
 
@@ -554,4 +562,4 @@ class SyncAgainstModel(RuleBasedStateMachine):
 
 
 TestSyncAgainstModel = SyncAgainstModel.TestCase
-TestSyncAgainstModel.settings = settings(max_examples=250, stateful_step_count=40, deadline=None)
+TestSyncAgainstModel.settings = settings(max_examples=120, stateful_step_count=40, deadline=None)
