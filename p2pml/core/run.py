@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from p2pml.core.barrier import BarrierParams, make_params
-from p2pml.core.config import DataPlaneConfig, OverlayConfig
+from p2pml.core.config import DataPlaneConfig, OverlayConfig, _is_finite, _is_int
 from p2pml.core.sampling import SampleSize
 from p2pml.core.types import Address
 from p2pml.errors import ConfigError
@@ -138,10 +138,6 @@ def _digest(obj: object) -> str:
     return hashlib.blake2b(text.encode(), digest_size=_DIGEST_BYTES).hexdigest()
 
 
-def _is_seconds(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-
-
 def parse_run_tag(tag: str) -> tuple[str, str]:
     """Split a run tag into (run id, digest); ("", "") for a node in no run."""
     run_id, _, digest = tag.partition("@")
@@ -212,10 +208,10 @@ class NodeConfig:
             ("misses_to_forget", 1),
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not _is_int(value) or value < low:
                 raise ConfigError(name, value, f"an integer >= {low}")
         age = self.max_delta_age
-        if age is not None and (isinstance(age, bool) or not isinstance(age, int) or age < 0):
+        if age is not None and (not _is_int(age) or age < 0):
             raise ConfigError("max_delta_age", age, "an integer >= 0, or unset for s")
         if not isinstance(self.strict, bool):
             raise ConfigError("strict", self.strict, "true or false")
@@ -233,9 +229,9 @@ class NodeConfig:
             "discover_interval_s",
         ):
             value = getattr(self, name)
-            if not _is_seconds(value) or value <= 0:
+            if not _is_finite(value) or value <= 0:
                 raise ConfigError(name, value, "a finite number > 0")
-        if not _is_seconds(self.linger_s) or self.linger_s < 0:
+        if not _is_finite(self.linger_s) or self.linger_s < 0:
             raise ConfigError("linger_s", self.linger_s, "a finite number >= 0")
         if self.recheck_max_s < self.recheck_s:
             raise ConfigError(

@@ -25,6 +25,7 @@ import random
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Final, Protocol, Self
 
 from p2pml.core.barrier import Decision
@@ -55,7 +56,7 @@ from p2pml.protocol.messages import (
     ModelUnchanged,
     TensorBlob,
 )
-from p2pml.protocol.sync import Phase, SyncMachine, WaitRecord
+from p2pml.protocol.sync import SyncMachine, WaitRecord
 
 __all__ = ["ModelSource", "Node", "PushReport"]
 
@@ -88,13 +89,13 @@ class ModelSource(Protocol):
     async def snapshot(self) -> tuple[int, tuple[TensorBlob, ...]]: ...
 
 
+@dataclass(frozen=True, slots=True)
 class PushReport:
     """How one step's delta went out."""
 
-    __slots__ = ("n_acked", "n_failed", "n_targets")
-
-    def __init__(self, n_targets: int, n_acked: int, n_failed: int) -> None:
-        self.n_targets, self.n_acked, self.n_failed = n_targets, n_acked, n_failed
+    n_targets: int
+    n_acked: int
+    n_failed: int
 
 
 class Node:
@@ -290,13 +291,7 @@ class Node:
                 f"after {budget:g} s"
             ) from None
         finally:
-            if self.sync.phase is not Phase.IDLE:  # timed out or cancelled: start afresh next time
-                self.sync = SyncMachine(
-                    self.sync.params,
-                    self.sync.sample,
-                    recheck_s=self.config.recheck_s,
-                    recheck_max_s=self.config.recheck_max_s,
-                )
+            self.sync.abandon()  # after a timeout or cancellation; no-op once it proceeded
         record = self.sync.drain_events()[-1]
         self.waits.append(record)
         return record
@@ -304,17 +299,23 @@ class Node:
     async def _check(self) -> dict[PeerId, StepReport | None]:
         live = self.peers.live()
         n = self.sync.sample_size(self.n_hat())
-        chosen = live if n is None else sample_peers(live, n, self.rng)
-        contacts = [self.peers.peers[p].contact for p in chosen]
-        answers = await ask_steps(self.overlay, contacts)
+        answers = await self._ask(live if n is None else sample_peers(live, n, self.rng))
+        self.counters["barrier_unanswered"] += sum(1 for a in answers.values() if a is None)
+        return answers
+
+    async def _ask(self, peers: Sequence[PeerId]) -> dict[PeerId, StepReport | None]:
+        """The peers' signed steps, recorded in `self.peers`; a silent peer counts a miss."""
+        answers = await ask_steps(self.overlay, [self.peers.peers[p].contact for p in peers])
         for peer, report in answers.items():
             if report is None:
-                self.counters["barrier_unanswered"] += 1
-                if self.peers.missed(peer):
-                    self.overlay.membership.drop(peer)
+                self._missed(peer)
             else:
                 self.peers.answered(peer, report)
         return answers
+
+    def _missed(self, peer: PeerId) -> None:
+        if self.peers.missed(peer):
+            self.overlay.membership.drop(peer)
 
     # -- deltas out ------------------------------------------------------------------------------
     def weight(self) -> float:
@@ -340,21 +341,21 @@ class Node:
             raise ConfigError("step", step, f"the node's next step, {self._completed}")
         plan = self._plan()
         msg = DeltaPush(self.manifest.tag, self.peer_id, step, step, tuple(tensors))
-        results = await asyncio.gather(*(self._push(p, msg) for p in plan.targets))
+        n_bytes = sum(b.nbytes for b in msg.tensors)
+        budget = self.config.ack_timeout_s + self.config.data.body_deadline_s(n_bytes)
+        results = await asyncio.gather(*(self._push(p, msg, budget) for p in plan.targets))
         acked = sum(results)
         self.counters["deltas_sent"] += acked
         self._completed = step + 1
         self.overlay.set_step(Step(self._completed))
         return PushReport(len(plan.targets), acked, len(results) - acked)
 
-    async def _push(self, peer: PeerId, msg: DeltaPush) -> bool:
+    async def _push(self, peer: PeerId, msg: DeltaPush, budget_s: float) -> bool:
         rp = self.peers.peers.get(peer)
         if rp is None:
             return False
-        n_bytes = sum(b.nbytes for b in msg.tensors)
-        budget = self.config.ack_timeout_s + self.config.data.body_deadline_s(n_bytes)
         try:
-            async with asyncio.timeout(budget):
+            async with asyncio.timeout(budget_s):
                 await self.client.push_delta(rp.http, msg)
             return True
         except PeerRejected as err:
@@ -365,8 +366,7 @@ class Node:
         except (TransportError, TimeoutError) as err:
             self.counters["push_failed"] += 1
             log.warning("delta of step %d to %s failed: %s", msg.step, peer.hex()[:8], err)
-            if self.peers.missed(peer):
-                self.overlay.membership.drop(peer)
+            self._missed(peer)
         return False
 
     # -- deltas in -------------------------------------------------------------------------------
@@ -488,13 +488,8 @@ class Node:
         log.info("node %s finished at step %d", self.short_id, self._completed)
         loop = asyncio.get_running_loop()
         until = loop.time() + self.config.linger_s
-        while self.peers.live() and loop.time() < until:
-            contacts = [self.peers.peers[p].contact for p in self.peers.live()]
-            for peer, report in (await ask_steps(self.overlay, contacts)).items():
-                if report is None:
-                    self.peers.missed(peer)
-                else:
-                    self.peers.answered(peer, report)
+        while (live := self.peers.live()) and loop.time() < until:
+            await self._ask(live)
             await asyncio.sleep(min(0.1, max(0.0, until - loop.time())))
 
     # -- data plane info -------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Theory of operation. Three phases; all transitions live in this file::
 
     phase     input                      next      output
     IDLE      begin(my_step, now)        ASKING    (the driver asks `sample_size()` peers)
+    any       abandon()                  IDLE      (a wait that timed out or was cancelled)
     ASKING    receive(answers, now)      IDLE      PROCEED, and a `WaitRecord` event
     ASKING    receive(answers, now)      BACKOFF   WAIT; `next_deadline()` is now + backoff
     BACKOFF   on_timer(now >= deadline)  ASKING    True: the driver draws a fresh sample
@@ -168,6 +169,11 @@ class SyncMachine:
         )
         self.phase = Phase.IDLE
         self._deadline = None
+
+    def abandon(self) -> None:
+        """Drop a wait that will not be finished (timed out or cancelled); no-op when idle."""
+        if self.phase is not Phase.IDLE:
+            self.phase, self._deadline = Phase.IDLE, None
 
     def on_timer(self, *, now: float) -> bool:
         """True when a backoff has run out and a fresh check is due."""

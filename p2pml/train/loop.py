@@ -206,7 +206,7 @@ class Trainer:
         if node.step > 0:
             return node.step
         await node.discover()
-        ahead = [rp.step for p, rp in node.peers.peers.items() if p in node.peers.live()]
+        ahead = [node.peers.peers[p].step for p in node.peers.live()]
         if not ahead or max(ahead) == 0:
             return 0
         reply = await node.pull_model()
