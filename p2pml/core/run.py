@@ -146,7 +146,7 @@ def parse_run_tag(tag: str) -> tuple[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
-    """A peer-mode node: its overlay, data plane, barrier and delta exchange.
+    """A node of a run (peer, server or worker): its overlay, data plane, barrier and deltas.
 
     Attributes:
         overlay, data: the DHT and the HTTP data plane.
@@ -170,6 +170,13 @@ class NodeConfig:
         misses_to_forget: unanswered RPCs after which a run peer is forgotten.
         discover_interval_s: how often the node looks for run peers it does not know yet.
         linger_s: how long a finished node keeps answering before it leaves.
+        heartbeat_interval_s: (worker) how often a worker tells its server it is alive.
+        heartbeat_timeout_s: (server) a worker silent for this long is evicted.
+        poll_s: (server) the long-poll window of a barrier request; a worker still blocked when it
+            ends asks again.
+        server_timeout_s: (worker) how long a worker keeps retrying, with backoff, a server it
+            cannot reach before it fails.
+        checkpoint_every: (server) save the model every this many updates (0: never).
     """
 
     overlay: OverlayConfig = field(default_factory=OverlayConfig)
@@ -193,6 +200,11 @@ class NodeConfig:
     misses_to_forget: int = 2
     discover_interval_s: float = 2.0
     linger_s: float = 1.0
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 5.0
+    poll_s: float = 5.0
+    server_timeout_s: float = 60.0
+    checkpoint_every: int = 0
 
     def validate(self) -> NodeConfig:
         """Return self, or raise `ConfigError` naming the first bad field, its value and range."""
@@ -206,6 +218,7 @@ class NodeConfig:
             ("average_every", 0),
             ("max_queued_deltas", 1),
             ("misses_to_forget", 1),
+            ("checkpoint_every", 0),
         ):
             value = getattr(self, name)
             if not _is_int(value) or value < low:
@@ -227,12 +240,25 @@ class NodeConfig:
             "barrier_timeout_s",
             "ack_timeout_s",
             "discover_interval_s",
+            "heartbeat_interval_s",
+            "heartbeat_timeout_s",
+            "poll_s",
+            "server_timeout_s",
         ):
             value = getattr(self, name)
             if not _is_finite(value) or value <= 0:
                 raise ConfigError(name, value, "a finite number > 0")
         if not _is_finite(self.linger_s) or self.linger_s < 0:
             raise ConfigError("linger_s", self.linger_s, "a finite number >= 0")
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ConfigError(
+                "heartbeat_timeout_s",
+                self.heartbeat_timeout_s,
+                f"> heartbeat_interval_s ({self.heartbeat_interval_s})",
+            )
+        if self.poll_s >= self.data.read_timeout_s:
+            limit = self.data.read_timeout_s
+            raise ConfigError("poll_s", self.poll_s, f"< the data plane's read timeout ({limit})")
         if self.recheck_max_s < self.recheck_s:
             raise ConfigError(
                 "recheck_max_s", self.recheck_max_s, f">= recheck_s ({self.recheck_s})"

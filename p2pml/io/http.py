@@ -6,6 +6,9 @@ The only module that imports aiohttp. Routes:
 - ``POST /v1/model``: body is a ModelRequest frame; the reply is a ModelReply frame, or a small
   ModelUnchanged frame when the caller already holds the current version.
 - ``GET /v1/info``: a small JSON document about the node (health check).
+- ``POST /v1/control`` (a parameter server only): a Register, Heartbeat or BarrierRequest frame;
+  the reply is a ServerStatus frame. A BarrierRequest is a long poll: the reply comes when the
+  server's barrier lets the worker go, or when the poll window ends.
 
 Bodies are checked against their cap before a byte is read (411 without Content-Length, 413 over the
 cap), then read in large chunks straight into one preallocated buffer, which the decoded message's
@@ -44,15 +47,26 @@ from p2pml.errors import (
 from p2pml.io.buffers import ReceiveBufferPool
 from p2pml.protocol.messages import (
     Ack,
+    BarrierRequest,
     DeltaPush,
+    Heartbeat,
     Message,
     ModelReply,
     ModelRequest,
     ModelUnchanged,
+    Register,
+    ServerStatus,
 )
 from p2pml.protocol.wire import WireLimits, decode_message, encode_frames, frames_size
 
-__all__ = ["CONTENT_TYPE", "DataPlaneClient", "DataPlaneHandler", "DataPlaneServer"]
+__all__ = [
+    "CONTENT_TYPE",
+    "ControlHandler",
+    "ControlMessage",
+    "DataPlaneClient",
+    "DataPlaneHandler",
+    "DataPlaneServer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +78,9 @@ LINGER_S: Final = 1.0
 InfoValue = str | int | float | bool | None
 BUSY_CODES: Final = frozenset({"queue_full", "no_model"})
 """Refusals answered 503: the peer may retry later."""
-CONFLICT_CODES: Final = frozenset({"stale", "other_run"})
+CONFLICT_CODES: Final = frozenset({"stale", "other_run", "unknown_worker"})
 """Refusals answered 409: the message is valid but conflicts with this node's state."""
+ControlMessage = Register | Heartbeat | BarrierRequest
 
 
 class DataPlaneHandler(Protocol):
@@ -76,6 +91,12 @@ class DataPlaneHandler(Protocol):
     async def on_model_request(self, msg: ModelRequest) -> ModelReply | ModelUnchanged: ...
 
     def info(self) -> dict[str, InfoValue]: ...
+
+
+class ControlHandler(Protocol):
+    """What a parameter server does with its workers' control messages."""
+
+    async def on_control(self, msg: ControlMessage) -> ServerStatus: ...
 
 
 def _wire_limits(config: DataPlaneConfig) -> WireLimits:
@@ -144,9 +165,11 @@ class DataPlaneServer:
         handler: DataPlaneHandler,
         *,
         limits: WireLimits | None = None,
+        control: ControlHandler | None = None,
     ) -> None:
         self.config = config.validate()
         self.handler = handler
+        self.control = control
         self.limits = limits or _wire_limits(config)
         self.rejections: Counter[str] = Counter()
         self._pool = ReceiveBufferPool(config.receive_pool_bytes)
@@ -166,6 +189,8 @@ class DataPlaneServer:
         app.router.add_post("/v1/delta", self._delta)
         app.router.add_post("/v1/model", self._model)
         app.router.add_get("/v1/info", self._info)
+        if self.control is not None:
+            app.router.add_post("/v1/control", self._control)
         runner = web.AppRunner(
             app,
             access_log=None,
@@ -302,6 +327,21 @@ class DataPlaneServer:
 
         return await self._serve(request, answer)
 
+    async def _control(self, request: web.Request) -> web.StreamResponse:
+        control = self.control
+        assert control is not None, "the route exists only with a control handler"
+
+        async def answer() -> web.StreamResponse:
+            body = await self._body(request, self.config.max_control_bytes)
+            msg = decode_message(body, self.limits)
+            if not isinstance(msg, Register | Heartbeat | BarrierRequest):
+                raise UnexpectedMessage(
+                    f"expected Register, Heartbeat or BarrierRequest, received {type(msg).__name__}"
+                )
+            return self._frame_response(await control.on_control(msg))
+
+        return await self._serve(request, answer)
+
     def _frame_response(self, msg: Message) -> web.Response:
         body = b"".join(encode_frames(msg))
         return web.Response(body=body, content_type=CONTENT_TYPE)
@@ -363,6 +403,16 @@ class DataPlaneClient:
         reply = await self._post(addr, "/v1/model", msg, self.config.max_message_bytes)
         if not isinstance(reply, ModelReply | ModelUnchanged):
             raise UnexpectedMessage(f"{addr}: expected a model, received {type(reply).__name__}")
+        return reply
+
+    async def control(self, addr: Address, msg: ControlMessage) -> ServerStatus:
+        """Send a control message to the parameter server at `addr`; returns its status (a
+        BarrierRequest waits up to the server's long-poll window)."""
+        reply = await self._post(addr, "/v1/control", msg, self.config.max_control_bytes)
+        if not isinstance(reply, ServerStatus):
+            raise UnexpectedMessage(
+                f"{addr}: expected ServerStatus, received {type(reply).__name__}"
+            )
         return reply
 
     async def info(self, addr: Address) -> dict[str, object]:

@@ -58,7 +58,7 @@ from p2pml.protocol.messages import (
 )
 from p2pml.protocol.sync import SyncMachine, WaitRecord
 
-__all__ = ["ModelSource", "Node", "PushReport"]
+__all__ = ["ModelSource", "Node", "PushReport", "StepInputs"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,17 @@ class PushReport:
     n_targets: int
     n_acked: int
     n_failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    """What a step starts from: a model to load first (a joining node's or a worker's pull, else
+    None), then the deltas to apply, each with `weight`; the node keeps `weight` of its own
+    update (1/P in peer mode; 0 for a worker, whose server applies the update)."""
+
+    model: ModelReply | None
+    deltas: list[DeltaPush]
+    weight: float
 
 
 class Node:
@@ -431,6 +442,10 @@ class Node:
             return None
         return next((c for c in result.contacts if c.peer_id == peer), None)
 
+    async def inputs(self) -> StepInputs:
+        """The due deltas and their weight 1/P (peer mode never loads a model between steps)."""
+        return StepInputs(None, self.take_deltas(), self.weight())
+
     def take_deltas(self) -> list[DeltaPush]:
         """The queued deltas due before the next step (all of them, except under BSP)."""
         lockstep = self.sync.lockstep
@@ -479,6 +494,35 @@ class Node:
                 continue
             return reply
         raise OverlayError(f"no peer of run {self.manifest.run_id} served its model")
+
+    async def start(self) -> ModelReply | None:
+        """Join a run in progress: the model of its most advanced peer, after which this node
+        continues from that peer's step; None for a fresh run (or a node that already stepped)."""
+        if self._completed > 0:
+            return None
+        await self.discover()
+        ahead = [self.peers.peers[p].step for p in self.peers.live()]
+        if not ahead or max(ahead) == 0:
+            return None
+        reply = await self.pull_model()
+        self.resume_at(reply.step)
+        log.info("joined run %s in progress at step %d", self.manifest.run_id, reply.step)
+        return reply
+
+    async def after_step(self, step: int) -> ModelReply | None:
+        """Gossip: every `average_every` steps while deltas fan out, a random peer's model to
+        average with (None when not due or when the pull failed)."""
+        every = self.config.average_every
+        if not (self.gossiping and every > 0 and (step + 1) % every == 0):
+            return None
+        peer = self.rng.choice(self.peers.live())
+        try:
+            reply = await self.pull_model(peer)
+        except P2PMLError as err:
+            log.warning("model averaging with %s skipped: %s", peer.hex()[:8], err)
+            return None
+        self.counters["model_averages"] += 1
+        return reply
 
     async def finish(self) -> None:
         """Announce that this node has finished, so no barrier waits on it, and linger until the

@@ -20,13 +20,17 @@ __all__ = [
     "DTYPES",
     "NO_VERSION",
     "Ack",
+    "BarrierRequest",
     "DeltaPush",
     "ErrorReply",
+    "Heartbeat",
     "Message",
     "MessageType",
     "ModelReply",
     "ModelRequest",
     "ModelUnchanged",
+    "Register",
+    "ServerStatus",
     "TensorBlob",
 ]
 
@@ -57,6 +61,10 @@ class MessageType(enum.IntEnum):
     MODEL_REPLY = 4
     MODEL_UNCHANGED = 5
     ERROR = 6
+    REGISTER = 7
+    HEARTBEAT = 8
+    BARRIER_REQUEST = 9
+    SERVER_STATUS = 10
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -163,4 +171,60 @@ class ErrorReply:
     message: str
 
 
-Message = DeltaPush | Ack | ModelRequest | ModelReply | ModelUnchanged | ErrorReply
+# -- the centralised mode: a worker and its parameter server -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    """A worker joins the server's run, having completed `step` steps (0 for a fresh worker)."""
+
+    run_id: str
+    sender: PeerId
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """A worker is alive, has completed `step` steps, and has finished when `done`."""
+
+    run_id: str
+    sender: PeerId
+    step: int
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BarrierRequest:
+    """May the worker, having completed `step` steps, start the next? Answered when the server's
+    barrier lets it, or when the server's long-poll window ends (then `proceed` is false)."""
+
+    run_id: str
+    sender: PeerId
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatus:
+    """The server's answer to a worker: its model `version`, the `step` the worker should hold
+    (its start step after a `Register`), the live workers, and whether the barrier let it go."""
+
+    run_id: str
+    sender: PeerId
+    version: int
+    step: int
+    n_workers: int
+    proceed: bool
+
+
+Message = (
+    DeltaPush
+    | Ack
+    | ModelRequest
+    | ModelReply
+    | ModelUnchanged
+    | ErrorReply
+    | Register
+    | Heartbeat
+    | BarrierRequest
+    | ServerStatus
+)

@@ -33,13 +33,17 @@ from p2pml.protocol.messages import (
     DTYPES,
     NO_VERSION,
     Ack,
+    BarrierRequest,
     DeltaPush,
     ErrorReply,
+    Heartbeat,
     Message,
     MessageType,
     ModelReply,
     ModelRequest,
     ModelUnchanged,
+    Register,
+    ServerStatus,
     TensorBlob,
 )
 
@@ -138,6 +142,12 @@ def _version(value: object, field: str, limits: WireLimits) -> object:
     return value
 
 
+def _flag(value: object, field: str, limits: WireLimits) -> object:
+    if not isinstance(value, bool):
+        raise _fail(field, "true or false", value)
+    return value
+
+
 _SCHEMAS: Final[dict[MessageType, tuple[type[Message], tuple[tuple[str, Check], ...], bool]]] = {
     MessageType.DELTA: (
         DeltaPush,
@@ -161,6 +171,33 @@ _SCHEMAS: Final[dict[MessageType, tuple[type[Message], tuple[tuple[str, Check], 
         False,
     ),
     MessageType.ERROR: (ErrorReply, (("code", _text), ("message", _text)), False),
+    MessageType.REGISTER: (
+        Register,
+        (("run_id", _run_id), ("sender", _peer), ("step", _step)),
+        False,
+    ),
+    MessageType.HEARTBEAT: (
+        Heartbeat,
+        (("run_id", _run_id), ("sender", _peer), ("step", _step), ("done", _flag)),
+        False,
+    ),
+    MessageType.BARRIER_REQUEST: (
+        BarrierRequest,
+        (("run_id", _run_id), ("sender", _peer), ("step", _step)),
+        False,
+    ),
+    MessageType.SERVER_STATUS: (
+        ServerStatus,
+        (
+            ("run_id", _run_id),
+            ("sender", _peer),
+            ("version", _version),
+            ("step", _step),
+            ("n_workers", _step),
+            ("proceed", _flag),
+        ),
+        False,
+    ),
 }
 _TAGS: Final = {cls: tag for tag, (cls, _fields, _tensors) in _SCHEMAS.items()}
 

@@ -1,11 +1,14 @@
-"""`Trainer`: trains the user's own torch model, optimiser and batches through a peer-mode node.
+"""`Trainer`: trains the user's own torch model, optimiser and batches through a peer-mode node
+or as a worker of a parameter server (any `StepDriver`).
 
-Per step, on the event loop: the barrier wait, taking the due deltas, pushing this step's delta.
-In the ``p2pml-compute`` thread (one per trainer; torch never runs on the loop): applying the
-received deltas with weight 1/P, forward, backward, ``optimizer.step()``, and turning the change
-into this node's delta, of which the node keeps 1/P. With SGD (momentum included) and BSP over P
-nodes with full delivery this is exactly synchronous data-parallel SGD on the union of the batches:
-the update of the shared model is the mean of the nodes' updates (DESIGN.md §5).
+Per step, on the event loop: the barrier wait, the step's inputs, pushing this step's delta. In the
+``p2pml-compute`` thread (one per trainer; torch never runs on the loop): loading the model the
+inputs carry (a worker's pull), applying the received deltas with their weight 1/P, forward,
+backward, ``optimizer.step()``, and turning the change into this node's delta, of which the node
+keeps the inputs' weight (1/P for a peer, 0 for a worker, whose server applies it). With SGD
+(momentum included) and BSP over P nodes with full delivery, or P workers of a BSP server, this is
+exactly synchronous data-parallel SGD on the union of the batches: the update of the shared model is
+the mean of the nodes' updates (DESIGN.md §5).
 
     async with Node(config, manifest) as node, Trainer(node, model, optimizer) as trainer:
         result = await trainer.train(batches, steps=500)
@@ -17,23 +20,25 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Final, ParamSpec, Self, TypeVar
+from typing import Final, ParamSpec, Protocol, Self, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from p2pml.core.run import RunManifest
 from p2pml.errors import ConfigError, P2PMLError
-from p2pml.node.node import Node
+from p2pml.node.node import ModelSource, PushReport, StepInputs
 from p2pml.protocol.messages import DeltaPush, ModelReply, TensorBlob
 from p2pml.protocol.sync import WaitRecord
 from p2pml.train.tensors import as_tensor, load_blobs, param_specs, to_blobs, trainable
 
-__all__ = ["StepLog", "TrainResult", "Trainer", "TrainingDiverged"]
+__all__ = ["StepDriver", "StepLog", "TrainResult", "Trainer", "TrainingDiverged"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,32 @@ Batch = tuple[torch.Tensor | npt.NDArray[np.generic], torch.Tensor | npt.NDArray
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+class StepDriver(Protocol):
+    """What the trainer trains through: a peer-mode `Node` or a parameter server's `Worker`."""
+
+    manifest: RunManifest
+    counters: Counter[str]
+
+    @property
+    def step(self) -> int: ...
+
+    def n_hat(self) -> float: ...
+
+    def attach(self, source: ModelSource) -> None: ...
+
+    async def start(self) -> ModelReply | None: ...
+
+    async def barrier(self, *, timeout_s: float | None = None) -> WaitRecord: ...
+
+    async def inputs(self) -> StepInputs: ...
+
+    async def publish(self, step: int, tensors: Sequence[TensorBlob]) -> PushReport: ...
+
+    async def after_step(self, step: int) -> ModelReply | None: ...
+
+    async def finish(self) -> None: ...
 
 
 class TrainingDiverged(P2PMLError):
@@ -83,7 +114,8 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains `model` with `optimizer` through `node`; see the module docstring.
+    """Trains `model` with `optimizer` through `node` (a `Node` or a `Worker`); see the module
+    docstring.
 
     Args:
         loss_fn: (outputs, targets) -> scalar loss; cross-entropy by default.
@@ -95,7 +127,7 @@ class Trainer:
 
     def __init__(
         self,
-        node: Node,
+        node: StepDriver,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         *,
@@ -147,22 +179,28 @@ class Trainer:
         return version, blobs
 
     # -- compute jobs (p2pml-compute thread) -----------------------------------------------------
-    def _apply(self, deltas: list[DeltaPush], weight: float) -> None:
+    def _apply(self, inputs: StepInputs) -> None:
+        if inputs.model is not None:
+            load_blobs(self._params, inputs.model.tensors)
+        self._apply_deltas(inputs.deltas, inputs.weight)
+
+    def _apply_deltas(self, deltas: list[DeltaPush], weight: float) -> None:
         with torch.no_grad():
             for msg in deltas:
                 for (_, param), blob in zip(self._params, msg.tensors, strict=True):
                     param.add_(as_tensor(blob), alpha=weight)
 
     def _step(
-        self, deltas: list[DeltaPush], weight: float, batches: Iterator[Batch], step: int
+        self, inputs: StepInputs, batches: Iterator[Batch], step: int
     ) -> tuple[float, tuple[TensorBlob, ...]]:
-        self._apply(deltas, weight)
-        inputs, targets = (torch.as_tensor(v) for v in next(batches))
+        self._apply(inputs)
+        weight = inputs.weight
+        x, targets = (torch.as_tensor(v) for v in next(batches))
         with torch.no_grad():
             before = [p.detach().clone() for _, p in self._params]
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(inputs), targets)
+        loss = self.loss_fn(self.model(x), targets)
         loss.backward()  # type: ignore[no-untyped-call]
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -172,7 +210,7 @@ class Trainer:
         with torch.no_grad():
             for (name, param), old in zip(self._params, before, strict=True):
                 change = param - old
-                param.copy_(old.add_(change, alpha=weight))  # keep 1/P of this node's update
+                param.copy_(old.add_(change, alpha=weight))  # keep 1/P (or 0) of this update
                 changes.append((name, change))
         if self.slow_s:
             time.sleep(self.slow_s)
@@ -202,18 +240,10 @@ class Trainer:
 
         Returns the step this node starts at (0 for a fresh run).
         """
-        node = self.node
-        if node.step > 0:
-            return node.step
-        await node.discover()
-        ahead = [node.peers.peers[p].step for p in node.peers.live()]
-        if not ahead or max(ahead) == 0:
-            return 0
-        reply = await node.pull_model()
-        await self._run(load_blobs, self._params, reply.tensors)
-        node.resume_at(reply.step)
-        log.info("joined run %s in progress at step %d", node.manifest.run_id, reply.step)
-        return reply.step
+        reply = await self.node.start()
+        if reply is not None:
+            await self._run(load_blobs, self._params, reply.tensors)
+        return self.node.step
 
     async def train(
         self,
@@ -243,13 +273,14 @@ class Trainer:
             wait = await node.barrier()
             waited += wait.wait_s
             computed_at = time.monotonic()
-            self._weight = node.weight()  # what every delta of this step weighs
-            loss, delta = await self._run(self._step, node.take_deltas(), self._weight, it, step)
+            inputs = await node.inputs()
+            self._weight = inputs.weight  # what every delta of this step weighs
+            loss, delta = await self._run(self._step, inputs, it, step)
             compute_s = time.monotonic() - computed_at
             self.last_loss = loss
             await node.publish(step, delta)
-            if self._gossip_due(step):
-                await self._gossip()
+            if (peer_model := await node.after_step(step)) is not None:
+                await self._run(self._average, peer_model)
             out_of_time = time_budget_s is not None and time.monotonic() - began >= time_budget_s
             if step + 1 == steps or out_of_time:
                 pending = (step, loss, wait, compute_s)  # logged with the final accuracy
@@ -281,24 +312,15 @@ class Trainer:
             await self.node.barrier()
         except P2PMLError as err:
             log.warning("final barrier: %s", err)
-        # peers may have finished meanwhile: the last deltas weigh what the last step's did
-        await self._run(self._apply, self.node.take_deltas(), self._weight)
-        return await self._run(self._evaluate)
-
-    def _gossip_due(self, step: int) -> bool:
-        every = self.node.config.average_every
-        return self.node.gossiping and every > 0 and (step + 1) % every == 0
-
-    async def _gossip(self) -> None:
-        node = self.node
-        peer = node.rng.choice(node.peers.live())
         try:
-            reply = await node.pull_model(peer)
+            inputs = await self.node.inputs()
         except P2PMLError as err:
-            log.warning("model averaging with %s skipped: %s", peer.hex()[:8], err)
-            return
-        await self._run(self._average, reply)
-        node.counters["model_averages"] += 1
+            log.warning("final model pull: %s", err)
+            return await self._run(self._evaluate)
+        # peers may have finished meanwhile: the last deltas weigh what the last step's did
+        final = StepInputs(inputs.model, inputs.deltas, self._weight)
+        await self._run(self._apply, final)
+        return await self._run(self._evaluate)
 
     def _log(
         self,

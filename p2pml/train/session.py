@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from p2pml.core.run import HyperValue, NodeConfig, RunManifest
+from p2pml.io.modelfile import save_model
 from p2pml.node.node import Node
 from p2pml.protocol.identity import NodeKey
-from p2pml.train.checkpoint import save_model
 from p2pml.train.datasets import Dataset, batches, load_dataset, shard
 from p2pml.train.loop import StepLog, Trainer, TrainResult
 from p2pml.train.models import build_model

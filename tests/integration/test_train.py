@@ -10,7 +10,7 @@ import torch
 from nodes import node_config
 
 from p2pml.core.sampling import SampleSize
-from p2pml.train.checkpoint import load_model
+from p2pml.io.modelfile import load_model
 from p2pml.train.session import Session
 
 pytestmark = pytest.mark.integration

@@ -16,11 +16,15 @@ from p2pml.protocol.messages import (
     DTYPES,
     NO_VERSION,
     Ack,
+    BarrierRequest,
     DeltaPush,
     ErrorReply,
+    Heartbeat,
     ModelReply,
     ModelRequest,
     ModelUnchanged,
+    Register,
+    ServerStatus,
     TensorBlob,
 )
 from p2pml.protocol.wire import (
@@ -58,6 +62,10 @@ messages = st.one_of(
     st.builds(ModelReply, run_ids, peer_ids, versions, steps, tensor_tuples),
     st.builds(ModelUnchanged, run_ids, peer_ids, versions),
     st.builds(ErrorReply, st.text(max_size=30), st.text(max_size=200)),
+    st.builds(Register, run_ids, peer_ids, steps),
+    st.builds(Heartbeat, run_ids, peer_ids, steps, st.booleans()),
+    st.builds(BarrierRequest, run_ids, peer_ids, steps),
+    st.builds(ServerStatus, run_ids, peer_ids, versions, steps, steps, st.booleans()),
 )
 
 
@@ -220,3 +228,11 @@ def test_deeply_nested_headers_are_rejected_not_crashing():
     raw = MAGIC + struct.pack("<I", 10_000) + b"\x91" * 10_000
     with pytest.raises(WireFormatError):
         decode_message(raw)
+
+
+def test_a_heartbeat_whose_done_flag_is_not_a_boolean_is_refused():
+    good = encode_contiguous(Heartbeat("r", bytes(20), 3, True)).tobytes()
+    header = msgpack.unpackb(good[8:], raw=False)
+    header[2][3] = 1  # an int where a bool belongs
+    with pytest.raises(WireFormatError, match=r"Heartbeat.done: expected true or false"):
+        decode_message(frame(header))
