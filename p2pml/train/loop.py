@@ -38,7 +38,7 @@ from p2pml.protocol.messages import DeltaPush, ModelReply, TensorBlob
 from p2pml.protocol.sync import WaitRecord
 from p2pml.train.tensors import as_tensor, load_blobs, param_specs, to_blobs, trainable
 
-__all__ = ["StepDriver", "StepLog", "TrainResult", "Trainer", "TrainingDiverged"]
+__all__ = ["StepDriver", "StepLog", "TrainResult", "Trainer", "TrainingDiverged", "accuracy"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,20 @@ Batch = tuple[torch.Tensor | npt.NDArray[np.generic], torch.Tensor | npt.NDArray
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def accuracy(model: torch.nn.Module, data: Batch) -> float:
+    """The share of `data`'s examples that `model` classifies right (call off the loop)."""
+    inputs, labels = (torch.as_tensor(v) for v in data)
+    correct = 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(labels), EVAL_BATCH):
+            out = model(inputs[start : start + EVAL_BATCH])
+            correct += int((out.argmax(dim=1) == labels[start : start + EVAL_BATCH]).sum())
+    model.train(was_training)
+    return correct / max(1, len(labels))
 
 
 class StepDriver(Protocol):
@@ -217,17 +231,7 @@ class Trainer:
         return value, to_blobs(changes)
 
     def _evaluate(self) -> float | None:
-        if self.eval_data is None:
-            return None
-        inputs, labels = (torch.as_tensor(v) for v in self.eval_data)
-        correct = 0
-        self.model.eval()
-        with torch.no_grad():
-            for start in range(0, len(labels), EVAL_BATCH):
-                out = self.model(inputs[start : start + EVAL_BATCH])
-                correct += int((out.argmax(dim=1) == labels[start : start + EVAL_BATCH]).sum())
-        self.model.train()
-        return correct / max(1, len(labels))
+        return None if self.eval_data is None else accuracy(self.model, self.eval_data)
 
     def _average(self, reply: ModelReply) -> None:
         with torch.no_grad():
