@@ -1,8 +1,12 @@
-"""``p2pml run``: one peer-mode node that trains a built-in model with its run's other nodes.
+"""``p2pml run``: one node that trains a built-in model with its run's other nodes: a peer (the
+default), or the parameter server (``--role server``) or one of its workers (``--role worker
+--server HOST:PORT``) of the centralised mode.
 
-Every step writes one JSON line (to stdout, or to ``--log FILE``): ``step``, ``loss``,
-``accuracy`` (when evaluated), ``wait_s``, ``n_hat``, ``deltas_sent``, ``deltas_received``,
-``deltas_rejected`` and a few more. Progress and the final summary go to stderr.
+Every step of a peer or worker writes one JSON line (to stdout, or to ``--log FILE``): ``step``,
+``loss``, ``accuracy`` (when evaluated), ``wait_s``, ``n_hat``, ``deltas_sent``,
+``deltas_received``, ``deltas_rejected`` and a few more. The server writes one line per model
+update: ``version``, ``step``, ``workers``, ``staleness`` (per delta), ``weight``, ``n_workers``,
+``accuracy``, ``time_s``. Progress and the final summary go to stderr.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from p2pml.errors import BarrierTimeout, ConfigError, OverlayError, P2PMLError
 from p2pml.log import setup_logging
 
 if TYPE_CHECKING:
+    from p2pml.node.server import ParameterServer, UpdateLog
     from p2pml.train.loop import StepLog
+    from p2pml.train.session import Session
 
 __all__ = ["parse_shard", "run"]
 
@@ -46,7 +52,12 @@ _FLAGS = {
     "max_delta_age": "--max-delta-age",
     "join_timeout_s": "--join-timeout",
     "rpc_timeout_s": "--rpc-timeout",
+    "heartbeat_timeout_s": "--heartbeat-timeout",
+    "heartbeat_interval_s": "--heartbeat-timeout",
+    "server_timeout_s": "--server-timeout",
+    "checkpoint_every": "--checkpoint-every",
 }
+ROLES = ("peer", "server", "worker")
 
 
 def parse_shard(text: str) -> tuple[int, int] | None:
@@ -61,6 +72,7 @@ def parse_shard(text: str) -> tuple[int, int] | None:
 
 def _node_config(
     *,
+    role: str,
     listen: str,
     http_listen: str | None,
     advertise: str | None,
@@ -69,7 +81,12 @@ def _node_config(
     **fields: object,
 ) -> NodeConfig:
     udp = parse_listen(listen)
-    http = parse_listen(http_listen, "--http-listen") if http_listen else Address(udp.host, 0)
+    if http_listen:
+        http = parse_listen(http_listen, "--http-listen")
+    elif role == "server":  # no DHT: --listen is where workers reach the server
+        http = udp
+    else:
+        http = Address(udp.host, 0)
     try:
         overlay = OverlayConfig(
             listen=udp,
@@ -147,6 +164,25 @@ def run(
         int | None, typer.Option(help="Refuse deltas older than this (default s).")
     ] = None,
     rpc_timeout: Annotated[float, typer.Option(help="DHT RPC timeout, s.")] = DEFAULT_RPC_TIMEOUT_S,
+    role: Annotated[
+        str, typer.Option(help="peer; or server, or worker (with --server), the centralised mode.")
+    ] = "peer",
+    server: Annotated[
+        str | None, typer.Option(help="The parameter server's host:port (--role worker).")
+    ] = None,
+    heartbeat_timeout: Annotated[
+        float, typer.Option(help="Server: evict a worker silent this long, s.")
+    ] = 5.0,
+    server_timeout: Annotated[
+        float, typer.Option(help="Worker: give up on an unreachable server after this long, s.")
+    ] = 60.0,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Server: save the model every N updates (0: never).")
+    ] = 0,
+    checkpoint_dir: Annotated[
+        Path | None,
+        typer.Option(help="Server: checkpoint folder; a restarted server resumes from it."),
+    ] = None,
     log_path: Annotated[
         str, typer.Option("--log", help="JSON-lines step log: a file, or - for stdout.")
     ] = "-",
@@ -155,7 +191,20 @@ def run(
     ] = None,
     quiet: Annotated[bool, typer.Option(help="Warnings and errors only on stderr.")] = False,
 ) -> None:
-    """Train as one peer-mode node: sampled barriers, deltas straight to peers, no server."""
+    """Train as one node: a peer (sampled barriers, deltas straight to peers, no server), or
+    the parameter server or a worker of the centralised mode."""
+    role = role.lower()
+    if role not in ROLES:
+        raise bad_flag("--role", role, "one of " + ", ".join(ROLES))
+    server_addr = _address(server, "--server") if server else None
+    if (role == "worker") != (server_addr is not None):
+        raise bad_flag("--server", server, "host:port with --role worker, and only with it")
+    if checkpoint_every and role != "server":
+        raise bad_flag("--checkpoint-every", checkpoint_every, "0 unless --role server")
+    if checkpoint_every and checkpoint_dir is None:
+        raise bad_flag("--checkpoint-dir", None, "a folder when --checkpoint-every is > 0")
+    if checkpoint_dir is not None and checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise bad_flag("--checkpoint-dir", str(checkpoint_dir), "a folder, not a file")
     for flag, value, low in (
         ("--steps", steps, 1),
         ("--batch-size", batch_size, 1),
@@ -180,6 +229,7 @@ def run(
     except ConfigError as err:
         raise bad_flag("--run-id", run_id, err.allowed) from None
     config = _node_config(
+        role=role,
         listen=listen,
         http_listen=http_listen,
         advertise=advertise,
@@ -194,6 +244,10 @@ def run(
         fanout=fanout,
         average_every=average_every,
         max_delta_age=max_delta_age,
+        heartbeat_timeout_s=heartbeat_timeout,
+        heartbeat_interval_s=min(1.0, heartbeat_timeout / 4),
+        server_timeout_s=server_timeout,
+        checkpoint_every=checkpoint_every,
     )
     check_writable(save, "--save")
     out = _open_log(log_path)
@@ -233,10 +287,20 @@ def run(
                 entry.n_hat,
             )
 
+    if role == "server":
+        _serve(session, out, eval_every=eval_every, checkpoint_dir=checkpoint_dir, save=save)
+        return
     started = time.monotonic()
     try:
         result = asyncio.run(
-            session.run(steps=steps, slow_s=slow, eval_every=eval_every, on_step=on_step, save=save)
+            session.run(
+                steps=steps,
+                slow_s=slow,
+                eval_every=eval_every,
+                on_step=on_step,
+                save=save,
+                server=server_addr,
+            )
         )
     except KeyboardInterrupt:
         print("p2pml run: interrupted", file=sys.stderr)
@@ -259,5 +323,62 @@ def run(
         f"deltas sent {result.counters.get('deltas_sent', 0)}, received "
         f"{result.counters.get('deltas_received', 0)}, rejected "
         f"{result.counters.get('deltas_rejected', 0)}",
+        file=sys.stderr,
+    )
+
+
+def _serve(
+    session: Session,
+    out: IO[str],
+    *,
+    eval_every: int,
+    checkpoint_dir: Path | None,
+    save: Path | None,
+) -> None:
+    """Run the parameter server until its workers have finished."""
+
+    def on_update(entry: UpdateLog) -> None:
+        out.write(json.dumps(entry.to_dict()) + "\n")
+        if entry.accuracy is not None:
+            log.info("model version %d: accuracy %.4f", entry.version, entry.accuracy)
+
+    def on_ready(server: ParameterServer) -> None:
+        addr = server.data.addr
+        print(
+            f"p2pml run: parameter server of run {session.manifest.run_id} listening on {addr} "
+            f"(workers: --role worker --server {addr})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        summary = asyncio.run(
+            session.serve(
+                eval_every=eval_every,
+                on_update=on_update,
+                checkpoint_dir=checkpoint_dir,
+                save=save,
+                on_ready=on_ready,
+            )
+        )
+    except KeyboardInterrupt:
+        print("p2pml run: interrupted", file=sys.stderr)
+        raise typer.Exit(130) from None
+    except OSError as err:
+        print(f"p2pml run: error: cannot serve: {err}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    except P2PMLError as err:
+        print(f"p2pml run: error: {err}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    finally:
+        if out is not sys.stdout:
+            with contextlib.suppress(OSError):
+                out.close()
+    stale = summary["staleness"]
+    assert isinstance(stale, dict)
+    print(
+        f"p2pml run: server done at model version {summary['version']}; accuracy "
+        f"{summary['accuracy']}; staleness mean {stale['mean']}, variance {stale['variance']}, "
+        f"max {stale['max']} over {stale['n']} deltas; summary {json.dumps(summary)}",
         file=sys.stderr,
     )

@@ -172,6 +172,7 @@ class Session:
         A server restarted with the same `checkpoint_dir` resumes from the newest good
         checkpoint in it.
         """
+        torch.set_num_threads(1)  # evaluation runs in the server's one apply thread
         params, version = await asyncio.to_thread(self._server_params, checkpoint_dir)
         data = (self.data.x_test, self.data.y_test)
         async with ParameterServer(

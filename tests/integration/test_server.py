@@ -81,7 +81,9 @@ async def train_all(ws, models, steps, batches=node_batches, slow_s=0.0):
 
 
 def assert_same_params(got_model, want_model):
-    for (name, got), want in zip(got_model.named_parameters(), want_model.parameters(), strict=True):
+    for (name, got), want in zip(
+        got_model.named_parameters(), want_model.parameters(), strict=True
+    ):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
 
 
@@ -129,7 +131,7 @@ async def test_a_worker_pulls_the_model_only_when_its_version_changed():
         assert server.counters["models_unchanged"] == 1
 
 
-# -- staleness --------------------------------------------------------------------------------------
+# -- staleness ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("barrier", "stale"), [("asp", True), ("bsp", False)])
@@ -268,7 +270,7 @@ async def test_a_worker_whose_server_is_gone_fails_with_a_clear_error_after_retr
     manifest = run_manifest("gone", model, {})
     async with parameter_server(manifest, model) as server:
         addr = server.data.addr
-        async with workers(1, manifest, addr, server_timeout_s=0.5) as (w,):
+        async with workers(1, manifest, addr, server_timeout_s=0.5):
             pass
     cfg = config(1, server_timeout_s=0.5)
     loop = asyncio.get_running_loop()
@@ -316,9 +318,10 @@ async def test_a_restarted_server_resumes_from_its_checkpoint_and_its_workers_re
         from p2pml.train.tensors import load_blobs
 
         load_blobs(trainable(restored), saved.tensors)
-        again = dataclasses.replace(config(0, barrier="ssp", min_peers=n), data=dataclasses.replace(
-            config(0).data, listen=Address(addr.host, addr.port)
-        ))
+        again = dataclasses.replace(
+            config(0, barrier="ssp", min_peers=n),
+            data=dataclasses.replace(config(0).data, listen=Address(addr.host, addr.port)),
+        )
         async with ParameterServer(
             again, manifest, server_params(restored), version=saved.version
         ) as second:
