@@ -99,6 +99,10 @@ class ControlHandler(Protocol):
     async def on_control(self, msg: ControlMessage) -> ServerStatus: ...
 
 
+def _line(request: web.Request) -> tuple[str, str, str | None]:
+    return request.method, request.path, request.remote
+
+
 def _wire_limits(config: DataPlaneConfig) -> WireLimits:
     return WireLimits(max_message_bytes=config.max_message_bytes)
 
@@ -268,6 +272,9 @@ class DataPlaneServer:
     ) -> web.StreamResponse:
         try:
             return await answer()
+        except ConnectionResetError as exc:  # the peer left while we answered (a cancelled pull)
+            log.info("%s %s from %s: the peer went away: %s", *_line(request), exc)
+            return web.Response(status=499)  # never sent; aiohttp drops it quietly
         except _Refusal as refusal:
             return await self._refuse(request, refusal)
         except Refused as exc:

@@ -224,9 +224,15 @@ class ParameterServer:
         let the updates queued so far reach the model and evaluate it."""
         async with asyncio.timeout(timeout_s):
             await self._finished.wait()
+        await self.evaluate_now()
+
+    async def evaluate_now(self) -> float | None:
+        """The accuracy of the model with every update queued so far (None without `evaluate`)."""
         await self.flush()
-        if self.evaluate is not None:
-            self.accuracy = await self._run(self.evaluate)
+        if self.evaluate is None:
+            return None
+        self.accuracy = await self._run(self.evaluate)
+        return self.accuracy
 
     async def flush(self) -> None:
         """Wait until every update queued so far is in the model.

@@ -60,3 +60,49 @@ async def test_four_nodes_with_pssp_reach_90_percent_on_mnist_5k(tmp_path):
     assert saved.step == 300 and saved.run_tag.startswith("converge@")
     assert [b.name for b in saved.tensors] == ["1.weight", "1.bias", "3.weight", "3.bias"]
     assert all(torch.isfinite(torch.from_numpy(b.array.copy())).all() for b in saved.tensors)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_server_with_four_ssp_workers_reaches_90_percent_on_mnist_5k(tmp_path):
+    n, steps = 4, 300
+
+    def build(i: int, **fields) -> Session:
+        config = node_config(i, barrier="ssp", staleness=4, **fields)
+        return Session.build(
+            config,
+            run_id="central",
+            model="mlp",
+            dataset="mnist-5k",
+            lr=0.05,
+            momentum=0.9,
+            batch_size=64,
+            seed=3,
+            shard=(i - 1, n) if i else None,
+        )
+
+    server_session = build(0, min_peers=n, checkpoint_every=100)
+    ready: asyncio.Future = asyncio.get_running_loop().create_future()
+    lines = []
+    serving = asyncio.create_task(
+        server_session.serve(
+            checkpoint_dir=tmp_path,
+            on_update=lines.append,
+            on_ready=lambda server: ready.set_result(server.data.addr),
+        )
+    )
+    addr = await ready
+    results = await asyncio.gather(
+        *(build(i).run(steps=steps, server=addr) for i in range(1, n + 1))
+    )
+    summary = await asyncio.wait_for(serving, 30)
+    assert summary["accuracy"] >= 0.90, summary
+    assert summary["version"] == n * steps  # SSP applies each delta as it arrives
+    stale = summary["staleness"]
+    assert stale["n"] == n * steps and 0 < stale["mean"] < n * (4 + 1)
+    assert all(r.steps == steps and r.final_accuracy >= 0.90 for r in results)
+    assert len(lines) == n * steps
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "server-000000001100.p2pml",
+        "server-000000001200.p2pml",
+    ]
