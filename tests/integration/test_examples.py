@@ -62,3 +62,19 @@ def test_three_nodes_example_trains_every_node():
     for row in rows[1:]:
         _, steps, accuracy, _, received = row.split()
         assert int(steps) == 60 and float(accuracy) > 0.5 and int(received) > 0
+
+
+def test_parameter_server_example_trains_three_workers():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "parameter_server.py"), "--steps", "60"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = proc.stdout.strip().splitlines()
+    assert rows[0].split() == ["worker", "steps", "waited_s"]
+    assert [int(row.split()[1]) for row in rows[1:4]] == [60, 60, 60]
+    assert rows[4].startswith("server: model version 180, accuracy ")
+    assert float(rows[4].split("accuracy ")[1].split(",")[0]) > 0.5
