@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/overlay.py
 	$(BIN)/python benchmarks/barrier.py
 	$(BIN)/python benchmarks/stragglers.py
+	$(BIN)/python benchmarks/central.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -186,6 +186,10 @@ def plot(rows: dict[str, dict[str, float]], path: Path) -> None:
         ax.bar(names, values, color=colours[: len(names)])
         ax.set_title(label, fontsize=10)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    lowest = min(rows[n]["accuracy"] for n in names)
+    axes[1].set_ylim(
+        max(0.0, lowest - 0.05), min(1.0, max(rows[n]["accuracy"] for n in names) + 0.02)
+    )
     axes[2].errorbar(
         names,
         [rows[n]["staleness_mean"] for n in names],

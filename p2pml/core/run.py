@@ -166,7 +166,8 @@ class NodeConfig:
         barrier_timeout_s: the longest one barrier wait may take (BarrierTimeout after it).
         ack_timeout_s: how long a push waits for its acknowledgement, on top of the time the
             data plane allows for sending the body (`DataPlaneConfig.body_deadline_s`).
-        max_queued_deltas: received deltas waiting to be applied; more are refused (503).
+        max_queued_deltas: received deltas waiting to be applied; more are refused (503) by a
+            peer, while a server delays its acknowledgement until the backlog drains.
         misses_to_forget: unanswered RPCs after which a run peer is forgotten.
         discover_interval_s: how often the node looks for run peers it does not know yet.
         linger_s: how long a finished node keeps answering before it leaves.

@@ -438,6 +438,9 @@ class ParameterServer:
                 await asyncio.to_thread(rules.check_finite, msg)
             else:
                 rules.check_finite(msg)
+            if len(self._jobs) >= self.config.max_queued_deltas:
+                await self._run(lambda: None)  # backpressure: the ack waits for the backlog
+                self.counters["apply_backlog_waits"] += 1
             now = asyncio.get_running_loop().time()
             self.machine.push(msg.sender, msg.step, msg.base_version, msg, now=now)
         except Refused as err:
