@@ -126,7 +126,8 @@ class ServerMachine(Generic[T]):
         self.min_workers = max(1, min_workers)
         self.version = version
         self.workers: dict[PeerId, WorkerState] = {}
-        self.n_registered = 0
+        self._came: set[PeerId] = set()  # every worker ever registered, evicted ones included
+        self._done_left = 0  # workers evicted after they had finished
         self._waiting: dict[PeerId, int] = {}
         self._rounds: dict[int, list[_Pending[T]]] = {}
         self._events: list[ServerEvent[T]] = []
@@ -141,11 +142,18 @@ class ServerMachine(Generic[T]):
         return sorted(p for p, w in self.workers.items() if not w.done)
 
     @property
+    def n_registered(self) -> int:
+        """How many distinct workers have registered so far (a worker back after its eviction
+        counts once)."""
+        return len(self._came)
+
+    @property
     def finished(self) -> bool:
-        """Enough workers came, and every one still here has finished."""
+        """Enough workers came, at least one finished, and every one still here has finished
+        (also once the finished workers have left and been evicted)."""
         return (
             self.n_registered >= self.min_workers
-            and bool(self.workers)
+            and (bool(self.workers) or self._done_left > 0)
             and all(w.done for w in self.workers.values())
         )
 
@@ -168,7 +176,8 @@ class ServerMachine(Generic[T]):
         if state is None:
             if len(self.workers) >= MAX_WORKERS:
                 raise Refused("queue_full", f"the server already has {MAX_WORKERS} workers")
-            self.n_registered += 1
+            if len(self._came) < MAX_WORKERS:
+                self._came.add(worker)
             self.workers[worker] = WorkerState(start, now)
         else:
             start = max(start, state.step)
@@ -192,7 +201,10 @@ class ServerMachine(Generic[T]):
         released (a `Released` event) as soon as the table lets it."""
         state = self._known(worker)
         state.seen_at = now
-        state.step = max(state.step, step)
+        self._waiting.pop(worker, None)
+        if step > state.step:  # the table moves: that may close a round or release others
+            state.step = step
+            self._settle(now)
         if self._decide(worker) is Decision.PROCEED:
             self._waiting.pop(worker, None)
             return Decision.PROCEED
@@ -282,10 +294,13 @@ class ServerMachine(Generic[T]):
 
     def on_timer(self, *, now: float) -> list[PeerId]:
         """Evict the workers not heard from within the heartbeat timeout; returns them."""
-        gone = [p for p, w in self.workers.items() if now - w.seen_at >= self.heartbeat_timeout_s]
+        # The same sum as next_deadline, so a timer set for that deadline always finds its worker.
+        timeout = self.heartbeat_timeout_s
+        gone = [p for p, w in self.workers.items() if now >= w.seen_at + timeout]
         for worker in sorted(gone):
             state = self.workers.pop(worker)
             self._waiting.pop(worker, None)
+            self._done_left += state.done
             self._events.append(Evicted(worker, state.step, now - state.seen_at, state.done))
         if gone:
             self._settle(now)
