@@ -13,7 +13,9 @@ import typer
 from p2pml import __version__
 from p2pml.cli.bench import bench_app
 from p2pml.cli.bounds import bounds
+from p2pml.cli.local import local
 from p2pml.cli.overlay import peers, seed
+from p2pml.cli.plot import plot
 from p2pml.cli.run import run
 from p2pml.cli.simulate import simulate
 from p2pml.errors import ConfigError
@@ -38,6 +40,8 @@ app.command()(bounds)
 app.command()(seed)
 app.command()(peers)
 app.command()(run)
+app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(local)
+app.command()(plot)
 app.add_typer(bench_app, name="bench")
 
 
