@@ -9,6 +9,9 @@ The only module that imports aiohttp. Routes:
 - ``POST /v1/control`` (a parameter server only): a Register, Heartbeat or BarrierRequest frame;
   the reply is a ServerStatus frame. A BarrierRequest is a long poll: the reply comes when the
   server's barrier lets the worker go, or when the poll window ends.
+- ``GET /metrics`` (when the owner passes a ``metrics`` callable): the owner's Prometheus metrics in
+  the text exposition format 0.0.4; 404 otherwise. This module renders nothing itself: the callable
+  returns the finished document.
 
 Bodies are checked against their cap before a byte is read (411 without Content-Length, 413 over the
 cap), then read in large chunks straight into one preallocated buffer, which the decoded message's
@@ -17,6 +20,10 @@ complete request headers for ``idle_timeout_s`` is closed, so slow or silent cli
 the server. Refusals are 4xx replies with a JSON body ``{"error": code, "message": text}``, counted
 by code; the server keeps serving. aiohttp's errors are mapped to p2pml's (`PeerUnreachable`,
 `PeerTimeout`, `PeerRejected`).
+
+Both ends count the p2pml frames they move, by route, in `bytes_in` and `bytes_out`: the server the
+request bodies it read in full and the reply bodies it sent, the client the request bodies the peer
+answered and the reply bodies it read.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ from p2pml.protocol.wire import WireLimits, decode_message, encode_frames, frame
 
 __all__ = [
     "CONTENT_TYPE",
+    "METRICS_CONTENT_TYPE",
     "ControlHandler",
     "ControlMessage",
     "DataPlaneClient",
@@ -71,6 +79,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE: Final = "application/x-p2pml"
+METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+"""The Prometheus text exposition format, which the ``metrics`` callable must return."""
 SHUTDOWN_GRACE_S: Final = 2.0
 """How long a stopping server lets requests in progress finish before it cancels them."""
 LINGER_S: Final = 1.0
@@ -161,7 +171,13 @@ class _FramesPayload(aiohttp.payload.Payload):
 
 
 class DataPlaneServer:
-    """Serves one node's data plane: ``async with DataPlaneServer(cfg, handler) as server``."""
+    """Serves one node's data plane: ``async with DataPlaneServer(cfg, handler) as server``.
+
+    Args:
+        control: answers ``POST /v1/control`` (a parameter server); without it the route is 404.
+        metrics: returns the owner's metrics in `METRICS_CONTENT_TYPE` for ``GET /metrics``; it
+            runs on the loop and must be quick. Without it the route is 404.
+    """
 
     def __init__(
         self,
@@ -170,12 +186,16 @@ class DataPlaneServer:
         *,
         limits: WireLimits | None = None,
         control: ControlHandler | None = None,
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
         self.config = config.validate()
         self.handler = handler
         self.control = control
+        self.metrics = metrics
         self.limits = limits or _wire_limits(config)
         self.rejections: Counter[str] = Counter()
+        self.bytes_in: Counter[str] = Counter()
+        self.bytes_out: Counter[str] = Counter()
         self._pool = ReceiveBufferPool(config.receive_pool_bytes)
         self._rejected = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -195,6 +215,8 @@ class DataPlaneServer:
         app.router.add_get("/v1/info", self._info)
         if self.control is not None:
             app.router.add_post("/v1/control", self._control)
+        if self.metrics is not None:
+            app.router.add_get("/metrics", self._metrics)
         runner = web.AppRunner(
             app,
             access_log=None,
@@ -244,7 +266,7 @@ class DataPlaneServer:
             )
         try:
             async with asyncio.timeout(self.config.body_deadline_s(length)):
-                return await _read_exactly(request.content, self._pool.acquire(length))
+                body = await _read_exactly(request.content, self._pool.acquire(length))
         except TimeoutError:
             raise _Refusal(
                 408,
@@ -260,6 +282,8 @@ class DataPlaneServer:
             ConnectionResetError,
         ) as exc:
             raise _Refusal(400, "truncated", str(exc), close=True) from None
+        self.bytes_in[request.path] += length
+        return body
 
     def _decode(self, body: npt.NDArray[np.uint8], expected: type[Message]) -> Message:
         msg = decode_message(body, self.limits)
@@ -271,7 +295,7 @@ class DataPlaneServer:
         self, request: web.Request, answer: Callable[[], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         try:
-            return await answer()
+            response = await answer()
         except ConnectionResetError as exc:  # the peer left while we answered (a cancelled pull)
             log.info("%s %s from %s: the peer went away: %s", *_line(request), exc)
             return web.Response(status=499)  # never sent; aiohttp drops it quietly
@@ -283,6 +307,8 @@ class DataPlaneServer:
         except ProtocolError as exc:
             kind = "bad_frame" if isinstance(exc, WireFormatError) else "refused"
             return await self._refuse(request, _Refusal(400, kind, str(exc)))
+        self.bytes_out[request.path] += response.content_length or 0
+        return response
 
     async def wait_for_rejections(self, code: str, count: int = 1) -> None:
         """Wait until at least `count` requests were refused with `code` (use under a timeout)."""
@@ -356,6 +382,11 @@ class DataPlaneServer:
     async def _info(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok", **self.handler.info()})
 
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        metrics = self.metrics
+        assert metrics is not None, "the route exists only with a metrics callable"
+        return web.Response(body=metrics(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
 
 class DataPlaneClient:
     """Talks to peers' data planes over a keep-alive pool: ``async with DataPlaneClient(cfg)``.
@@ -368,6 +399,8 @@ class DataPlaneClient:
     def __init__(self, config: DataPlaneConfig, *, limits: WireLimits | None = None) -> None:
         self.config = config.validate()
         self.limits = limits or _wire_limits(config)
+        self.bytes_in: Counter[str] = Counter()
+        self.bytes_out: Counter[str] = Counter()
         self._session: aiohttp.ClientSession | None = None
         self._pool = ReceiveBufferPool(config.receive_pool_bytes)
 
@@ -450,6 +483,7 @@ class DataPlaneClient:
         payload = _FramesPayload(encode_frames(msg), self.config.chunk_bytes)
         try:
             async with session.post(f"http://{addr}{path}", data=payload) as response:
+                self.bytes_out[path] += payload.size or 0
                 if response.status != 200:
                     raise await self._rejection(response)
                 length = response.content_length
@@ -459,6 +493,7 @@ class DataPlaneClient:
                         f"Content-Length of at most {cap}"
                     )
                 body = await _read_exactly(response.content, self._pool.acquire(length))
+                self.bytes_in[path] += length
         except TimeoutError as exc:
             raise PeerTimeout(f"{addr}{path}: no answer within the read timeout") from exc
         except (aiohttp.ClientError, EOFError, ConnectionError) as exc:

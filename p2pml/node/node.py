@@ -12,7 +12,9 @@ The training layer drives a node step by step (`p2pml/train/loop.py`)::
     await node.publish(step, own_delta)     # push, await every ack, then announce step + 1
 
 The node never touches torch: models cross as `TensorBlob`s, and the model it serves to joining
-peers comes from an attached `ModelSource`.
+peers comes from an attached `ModelSource`. Its Prometheus metrics (`node/metrics.py`) are served at
+``GET /metrics`` of its data plane; the training layer reports its loss and accuracy with
+`record_loss` and `record_accuracy`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from p2pml.errors import (
 )
 from p2pml.io.http import DataPlaneClient, DataPlaneServer, InfoValue
 from p2pml.io.overlay import KademliaOverlay
+from p2pml.node.metrics import NodeMetrics
 from p2pml.node.peers import RunPeers
 from p2pml.protocol import deltas as rules
 from p2pml.protocol.dht import Contact, StepReport
@@ -125,7 +128,8 @@ class Node:
         self.key = key or NodeKey.generate()
         self.rng = rng if rng is not None else random.Random(os.urandom(16))
         self.overlay = KademliaOverlay(config.overlay, self.key, role="peer", rng=self.rng)
-        self.server = DataPlaneServer(config.data, self)
+        self.metrics = NodeMetrics(self)
+        self.server = DataPlaneServer(config.data, self, metrics=self.metrics.render)
         self.client = DataPlaneClient(config.data)
         self.peers = RunPeers(manifest, misses_to_forget=config.misses_to_forget)
         self.sync = SyncMachine(
@@ -213,6 +217,20 @@ class Node:
             return estimate.n_hat
         return float(len(self.overlay.contacts()) + 1)
 
+    @property
+    def n_queued(self) -> int:
+        """Accepted deltas not yet taken by `take_deltas`."""
+        return len(self._queue)
+
+    def record_loss(self, step: int, loss: float) -> None:
+        """Report the training loss of `step` (the metrics ``p2pml_loss`` and ``p2pml_loss_step``;
+        the node itself does not use it)."""
+        self.metrics.loss = (step, float(loss))
+
+    def record_accuracy(self, step: int, accuracy: float) -> None:
+        """Report the accuracy evaluated after `step` (``p2pml_accuracy``, a share in 0..1)."""
+        self.metrics.accuracy = (step, float(accuracy))
+
     def attach(self, source: ModelSource) -> None:
         """Serve this node's model to joining peers from `source`."""
         self.source = source
@@ -297,6 +315,7 @@ class Node:
                     await asyncio.sleep(max(0.0, deadline - loop.time()))
                     self.sync.on_timer(now=max(loop.time(), deadline))
         except TimeoutError:
+            self.counters["barrier_timeouts"] += 1
             raise BarrierTimeout(
                 f"barrier {self.config.barrier} before step {self._completed} still blocked "
                 f"after {budget:g} s"
@@ -305,12 +324,16 @@ class Node:
             self.sync.abandon()  # after a timeout or cancellation; no-op once it proceeded
         record = self.sync.drain_events()[-1]
         self.waits.append(record)
+        self.metrics.barrier_wait.observe(record.wait_s)
         return record
 
     async def _check(self) -> dict[PeerId, StepReport | None]:
         live = self.peers.live()
         n = self.sync.sample_size(self.n_hat())
-        answers = await self._ask(live if n is None else sample_peers(live, n, self.rng))
+        sample = live if n is None else sample_peers(live, n, self.rng)
+        self.metrics.sampled_peers.set(len(sample))
+        answers = await self._ask(sample)
+        self.counters["barrier_asked"] += len(answers)
         self.counters["barrier_unanswered"] += sum(1 for a in answers.values() if a is None)
         return answers
 

@@ -10,7 +10,8 @@ takes the snapshots served to workers, runs evaluations and writes checkpoints, 
 checkpoint of version v always holds exactly the updates up to v.
 
 The server never touches torch: the parameters are numpy arrays it updates in place (the training
-layer may hand it arrays that share memory with a torch model, to evaluate it).
+layer may hand it arrays that share memory with a torch model, to evaluate it). Its Prometheus
+metrics (`node/metrics.py`) are served at ``GET /metrics`` of its data plane.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from p2pml.core.types import PeerId
 from p2pml.errors import ConfigError, Refused
 from p2pml.io.http import ControlMessage, DataPlaneServer, InfoValue
 from p2pml.io.modelfile import save_checkpoint
+from p2pml.node.metrics import ServerMetrics
 from p2pml.protocol import deltas as rules
 from p2pml.protocol.identity import NodeKey
 from p2pml.protocol.messages import (
@@ -162,7 +164,8 @@ class ParameterServer:
             min_workers=config.min_peers,
             version=version,
         )
-        self.data = DataPlaneServer(config.data, self, control=self)
+        self.metrics = ServerMetrics(self)
+        self.data = DataPlaneServer(config.data, self, control=self, metrics=self.metrics.render)
         self.evaluate, self.eval_every = evaluate, eval_every
         self.checkpoint_dir, self.on_update = checkpoint_dir, on_update
         self.counters: Counter[str] = Counter()
@@ -218,6 +221,16 @@ class ParameterServer:
     @property
     def version(self) -> int:
         return self.machine.version
+
+    @property
+    def n_waiting(self) -> int:
+        """Workers whose barrier request is waiting for the server's answer."""
+        return len(self._waiters)
+
+    @property
+    def n_jobs(self) -> int:
+        """Jobs submitted to the apply thread and not yet done."""
+        return len(self._jobs)
 
     async def wait_finished(self, *, timeout_s: float | None = None) -> None:
         """Wait until enough workers came and every one still here has finished (or left), then
@@ -291,6 +304,7 @@ class ParameterServer:
         self.counters["updates"] += 1
         for value in update.staleness:
             self.staleness.add(value)
+            self.metrics.staleness.observe(value)
         version = update.version
         every = self.config.checkpoint_every
         if every and version % every == 0:

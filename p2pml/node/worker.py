@@ -75,6 +75,8 @@ class Worker:
         self.rng = rng if rng is not None else random.Random(os.urandom(16))
         self.client = DataPlaneClient(config.data)
         self.counters: Counter[str] = Counter()
+        self.last_loss: tuple[int, float] | None = None
+        self.last_accuracy: tuple[int, float] | None = None
         self._completed = 0
         self._version = NO_VERSION
         self._n_workers = 1
@@ -122,6 +124,15 @@ class Worker:
 
     def attach(self, source: ModelSource) -> None:
         """Workers serve no model (the server does)."""
+
+    def record_loss(self, step: int, loss: float) -> None:
+        """Report the training loss of `step`. A worker serves no HTTP port, so no metrics: the
+        value is only kept in `last_loss`, as (step, loss)."""
+        self.last_loss = (step, float(loss))
+
+    def record_accuracy(self, step: int, accuracy: float) -> None:
+        """Report the accuracy evaluated after `step`; kept in `last_accuracy`, as (step, share)."""
+        self.last_accuracy = (step, float(accuracy))
 
     # -- talking to the server -------------------------------------------------------------------
     async def _retry(self, what: str, call: Callable[[], Awaitable[R]]) -> R:
