@@ -1,7 +1,8 @@
 """The ``p2pml`` command: a typer app with one module per command group.
 
 Errors in what a user typed end the command with one line on stderr that names the flag, and exit
-status 2; no traceback.
+status 2; no traceback. When the value came from an environment variable or a config file
+(`p2pml.cli.config`), the line says which.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import typer
 from p2pml import __version__
 from p2pml.cli.bench import bench_app
 from p2pml.cli.bounds import bounds
+from p2pml.cli.config import ConfigCommand, describe_origin
 from p2pml.cli.local import local
 from p2pml.cli.overlay import peers, seed
 from p2pml.cli.plot import plot
@@ -39,7 +41,7 @@ app.command()(simulate)
 app.command()(bounds)
 app.command()(seed)
 app.command()(peers)
-app.command()(run)
+app.command(cls=ConfigCommand)(run)
 app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(local)
 app.command()(plot)
 app.add_typer(bench_app, name="bench")
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         name = ctx.command_path if ctx is not None else "p2pml"
         message = err.format_message() if hasattr(err, "format_message") else str(err)
         if message:  # empty when the help was shown because no arguments were given
-            print(f"{name}: error: {message}", file=sys.stderr)
+            print(f"{name}: error: {message}{describe_origin(err)}", file=sys.stderr)
         return 2
     except ConfigError as err:
         print(f"p2pml: error: {err}", file=sys.stderr)

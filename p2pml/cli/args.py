@@ -19,6 +19,7 @@ __all__ = [
     "parse_barriers",
     "parse_int_list",
     "parse_samples",
+    "parse_shard",
 ]
 
 T = TypeVar("T")
@@ -81,6 +82,16 @@ def parse_samples(text: str, flag: str = "--sample") -> list[SampleSize]:
             raise bad_flag(flag, item, err.allowed) from None
 
     return _split(text, flag, one)
+
+
+def parse_shard(text: str) -> tuple[int, int] | None:
+    """``auto`` (None: the whole training set in this node's own order) or ``INDEX/COUNT``."""
+    if text == "auto":
+        return None
+    index, _, count = text.partition("/")
+    if index.isdigit() and count.isdigit() and 0 <= int(index) < int(count):
+        return int(index), int(count)
+    raise bad_flag("--shard", text, "auto, or INDEX/COUNT with 0 <= INDEX < COUNT (e.g. 0/4)")
 
 
 def check_writable(path: Path | None, flag: str) -> None:

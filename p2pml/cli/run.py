@@ -7,6 +7,9 @@ Every step of a peer or worker writes one JSON line (to stdout, or to ``--log FI
 ``deltas_received``, ``deltas_rejected`` and a few more. The server writes one line per model
 update: ``version``, ``step``, ``workers``, ``staleness`` (per delta), ``weight``, ``n_workers``,
 ``accuracy``, ``time_s``. Progress and the final summary go to stderr.
+
+Every option can also come from an environment variable (``P2PML_BARRIER`` for ``--barrier``) or
+a TOML file (``--config``), and ``--print-config`` shows the result; see `p2pml.cli.config`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import IO, TYPE_CHECKING, Annotated
 
 import typer
 
-from p2pml.cli.args import bad_flag, check_writable
+from p2pml.cli.args import bad_flag, check_writable, parse_shard
+from p2pml.cli.config import ConfigOption, PrintConfigOption, show_config
 from p2pml.cli.overlay import BootstrapOption, _address, parse_bootstrap, parse_listen
 from p2pml.core.barrier import get_policy
 from p2pml.core.config import DEFAULT_RPC_TIMEOUT_S, DataPlaneConfig, OverlayConfig
@@ -37,7 +41,7 @@ if TYPE_CHECKING:
     from p2pml.train.loop import StepLog
     from p2pml.train.session import Session
 
-__all__ = ["parse_shard", "run"]
+__all__ = ["run"]
 
 log = logging.getLogger("p2pml.run")
 
@@ -58,16 +62,6 @@ _FLAGS = {
     "checkpoint_every": "--checkpoint-every",
 }
 ROLES = ("peer", "server", "worker")
-
-
-def parse_shard(text: str) -> tuple[int, int] | None:
-    """``auto`` (None: the whole training set in this node's own order) or ``INDEX/COUNT``."""
-    if text == "auto":
-        return None
-    index, _, count = text.partition("/")
-    if index.isdigit() and count.isdigit() and 0 <= int(index) < int(count):
-        return int(index), int(count)
-    raise bad_flag("--shard", text, "auto, or INDEX/COUNT with 0 <= INDEX < COUNT (e.g. 0/4)")
 
 
 def _node_config(
@@ -112,6 +106,7 @@ def _open_log(path: str) -> IO[str]:
 
 
 def run(
+    ctx: typer.Context,
     bootstrap: BootstrapOption = None,
     listen: Annotated[str, typer.Option(help="UDP address of the DHT.")] = "127.0.0.1:0",
     http_listen: Annotated[
@@ -140,6 +135,10 @@ def run(
         Path | None, typer.Option(help="Folder of the MNIST IDX files (for --dataset mnist).")
     ] = None,
     steps: Annotated[int, typer.Option(help="Steps to train.")] = 500,
+    time_budget: Annotated[
+        float,
+        typer.Option(help="Stop training after this many seconds even short of --steps (0: none)."),
+    ] = 0.0,
     lr: Annotated[float, typer.Option(help="Learning rate (SGD).")] = 0.05,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     batch_size: Annotated[int, typer.Option(help="Examples per step and node.")] = 64,
@@ -190,6 +189,8 @@ def run(
         Path | None, typer.Option(help="Write the final model here (p2pml format).")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="Warnings and errors only on stderr.")] = False,
+    config_file: ConfigOption = None,
+    print_config: PrintConfigOption = False,
 ) -> None:
     """Train as one node: a peer (sampled barriers, deltas straight to peers, no server), or
     the parameter server or a worker of the centralised mode."""
@@ -205,6 +206,10 @@ def run(
         raise bad_flag("--checkpoint-dir", None, "a folder when --checkpoint-every is > 0")
     if checkpoint_dir is not None and checkpoint_dir.exists() and not checkpoint_dir.is_dir():
         raise bad_flag("--checkpoint-dir", str(checkpoint_dir), "a folder, not a file")
+    if time_budget and role == "server":
+        raise bad_flag(
+            "--time-budget", time_budget, "0 with --role server (it stops with its workers)"
+        )
     for flag, value, low in (
         ("--steps", steps, 1),
         ("--batch-size", batch_size, 1),
@@ -216,8 +221,9 @@ def run(
         raise bad_flag("--lr", lr, "a finite number > 0")
     if not 0 <= momentum < 1:
         raise bad_flag("--momentum", momentum, "a number in [0, 1)")
-    if not 0 <= slow < float("inf"):
-        raise bad_flag("--slow", slow, "seconds >= 0")
+    for flag, seconds in (("--slow", slow), ("--time-budget", time_budget)):
+        if not 0 <= seconds < float("inf"):
+            raise bad_flag(flag, seconds, "a finite number of seconds >= 0")
     try:
         policy = get_policy(barrier.lower()).name
         beta = SampleSize.parse(sample, field="--sample")
@@ -249,6 +255,9 @@ def run(
         server_timeout_s=server_timeout,
         checkpoint_every=checkpoint_every,
     )
+    if print_config:  # every value is checked; nothing has started or been written
+        show_config(ctx)
+        return
     check_writable(save, "--save")
     out = _open_log(log_path)
     setup_logging(logging.WARNING if quiet else logging.INFO)
@@ -299,6 +308,7 @@ def run(
                 eval_every=eval_every,
                 on_step=on_step,
                 save=save,
+                time_budget_s=time_budget or None,
                 server=server_addr,
             )
         )
