@@ -1,9 +1,15 @@
 """p2pml: decentralised data-parallel training with probabilistic synchronous barriers.
 
 Importing this package is cheap: it loads the pure core only (no torch, aiohttp or kademlia).
+`EmbeddedNode`, `NodeStopped` and `numpy_manifest` are imported on first use (the first two bring
+in the node, aiohttp and kademlia); they are not in `__all__`, so ``from p2pml import *`` stays
+cheap and the names bound here stay exactly `__all__`.
 """
 
 from __future__ import annotations
+
+import importlib
+import typing
 
 from p2pml.core.barrier import (
     BARRIER_NAMES,
@@ -32,7 +38,18 @@ from p2pml.errors import (
     WireFormatError,
 )
 
+if typing.TYPE_CHECKING:
+    from p2pml.node.arrays import numpy_manifest as numpy_manifest
+    from p2pml.node.embed import EmbeddedNode as EmbeddedNode
+    from p2pml.node.embed import NodeStopped as NodeStopped
+
 __version__ = "0.1.0"
+
+_LAZY: typing.Final = {
+    "EmbeddedNode": "p2pml.node.embed",
+    "NodeStopped": "p2pml.node.embed",
+    "numpy_manifest": "p2pml.node.arrays",
+}
 
 __all__ = [
     "BARRIER_NAMES",
@@ -66,3 +83,15 @@ __all__ = [
     "pass_probability",
     "sample_peers",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """The lazy names (PEP 562); not cached here, so the module's namespace stays `__all__`."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'p2pml' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

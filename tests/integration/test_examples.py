@@ -78,3 +78,38 @@ def test_parameter_server_example_trains_three_workers():
     assert [int(row.split()[1]) for row in rows[1:4]] == [60, 60, 60]
     assert rows[4].startswith("server: model version 180, accuracy ")
     assert float(rows[4].split("accuracy ")[1].split(",")[0]) > 0.5
+
+
+def test_embedded_async_example_trains_every_node_to_the_same_model():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "embedded_async.py"), "--steps", "40"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = proc.stdout.strip().splitlines()
+    assert rows[0].split() == ["node", "steps", "loss_before", "loss_after"]
+    assert len(rows) == 5
+    for row in rows[1:4]:
+        _, steps, before, after = row.split()
+        assert int(steps) == 40 and float(after) < float(before) / 10
+    assert float(rows[4].rsplit(" ", 1)[1]) < 1e-4
+
+
+def test_embedded_sync_example_trains_from_plain_threads_without_torch():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "embedded_sync.py"), "--steps", "40"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = proc.stdout.strip().splitlines()
+    assert rows[0].split() == ["node", "steps", "loss_before", "loss_after", "accuracy"]
+    for row in rows[1:4]:
+        _, steps, before, after, accuracy = row.split()
+        assert int(steps) == 40 and float(after) < float(before) and float(accuracy) > 0.8
+    assert rows[4:] == ["identical parameters on every node: True", "torch imported: False"]
