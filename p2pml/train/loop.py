@@ -12,11 +12,16 @@ the mean of the nodes' updates (DESIGN.md §5).
 
     async with Node(config, manifest) as node, Trainer(node, model, optimizer) as trainer:
         result = await trainer.train(batches, steps=500)
+
+Checkpoints (`train/checkpoint.py`): every `checkpoint_every` steps, of the parameters, optimiser
+state and step; ``train(..., resume=load_checkpoint(folder, manifest))`` continues from one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import math
 import time
@@ -24,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Final, ParamSpec, Protocol, Self, TypeVar
 
 import numpy as np
@@ -33,9 +39,11 @@ import torch.nn.functional as F
 
 from p2pml.core.run import RunManifest
 from p2pml.errors import ConfigError, P2PMLError
-from p2pml.node.node import ModelSource, PushReport, StepInputs
+from p2pml.node.node import ModelSource, Node, PushReport, StepInputs
 from p2pml.protocol.messages import DeltaPush, ModelReply, TensorBlob
 from p2pml.protocol.sync import WaitRecord
+from p2pml.train import checkpoint as ckpt
+from p2pml.train.checkpoint import Checkpoint
 from p2pml.train.tensors import as_tensor, load_blobs, param_specs, to_blobs, trainable
 
 __all__ = ["StepDriver", "StepLog", "TrainResult", "Trainer", "TrainingDiverged", "accuracy"]
@@ -137,6 +145,12 @@ class Trainer:
         eval_every: evaluate every this many steps (and after the last); 0 only at the end.
         slow_s: an artificial delay added to every step, for straggler experiments.
         num_threads: torch's intra-op threads (process-wide; 1 by default).
+        checkpoint_dir: where checkpoints go (``node-<step>.p2pml``).
+        checkpoint_every: checkpoint every this many completed steps (0: never).
+        keep_checkpoints: how many of the newest checkpoints to keep.
+
+    Raises:
+        ConfigError: for a model that does not match the manifest, or a bad setting.
     """
 
     def __init__(
@@ -150,6 +164,9 @@ class Trainer:
         eval_every: int = 0,
         slow_s: float = 0.0,
         num_threads: int = 1,
+        checkpoint_dir: Path | None = None,
+        checkpoint_every: int = 0,
+        keep_checkpoints: int = 3,
     ) -> None:
         if param_specs(model) != node.manifest.params:
             raise ConfigError(
@@ -157,6 +174,9 @@ class Trainer:
             )
         if not math.isfinite(slow_s) or slow_s < 0:
             raise ConfigError("slow", slow_s, "seconds >= 0")
+        self.checkpoints = ckpt.Checkpointer(
+            checkpoint_dir, node.manifest.tag, checkpoint_every, keep=keep_checkpoints
+        )
         self.node, self.model, self.optimizer, self.loss_fn = node, model, optimizer, loss_fn
         self.eval_data = eval_data
         self.eval_every, self.slow_s, self.num_threads = eval_every, slow_s, num_threads
@@ -239,15 +259,38 @@ class Trainer:
                 param.mul_(0.5).add_(as_tensor(blob), alpha=0.5)
 
     # -- the loop --------------------------------------------------------------------------------
-    async def join(self) -> int:
-        """Start from the run's current model when the run is already in progress.
+    async def join(self, resume: Checkpoint | None = None) -> int:
+        """Start from the run's current model when the run is already in progress, or from
+        `resume` (a peer-mode node's checkpoint) unless the run is more than the staleness bound
+        ahead of it: then from the run's current model, with the optimiser's state reset.
 
         Returns the step this node starts at (0 for a fresh run).
+
+        Raises:
+            ConfigError: for `resume` with a driver other than a peer-mode `Node` (a worker
+                always continues from its server's model and step).
         """
-        reply = await self.node.start()
-        if reply is not None:
+        node = self.node
+        if resume is None:
+            reply = await node.start()
+            if reply is not None:
+                await self._run(load_blobs, self._params, reply.tensors)
+            return node.step
+        if not isinstance(node, Node):
+            raise ConfigError(
+                "resume",
+                str(resume.path),
+                "a peer-mode node's checkpoint; a worker continues from its server's model",
+            )
+        reply = await ckpt.catch_up(node, resume)
+        if reply is None:
+            await self._run(ckpt.restore, self._params, self.optimizer, resume)
+            node.resume_at(resume.step)
+            log.info("resumed from checkpoint %s at step %d", resume.path, resume.step)
+        else:
             await self._run(load_blobs, self._params, reply.tensors)
-        return self.node.step
+            await self._run(ckpt.reset_state, self._params, self.optimizer)
+        return node.step
 
     async def train(
         self,
@@ -256,6 +299,8 @@ class Trainer:
         steps: int,
         on_step: Callable[[StepLog], None] | None = None,
         time_budget_s: float | None = None,
+        resume: Checkpoint | None = None,
+        skip_completed: bool = False,
     ) -> TrainResult:
         """Train until the node has completed `steps` steps (or `time_budget_s` has passed),
         then apply the last deltas, evaluate, finish and linger.
@@ -266,34 +311,19 @@ class Trainer:
             on_step: called on the loop with each step's log line; the last line carries the
                 final accuracy.
             time_budget_s: stop after the step that ends past this many seconds.
+            resume: a checkpoint to continue from (see `join`).
+            skip_completed: draw and drop one batch per step completed before this node starts,
+                so that a resumed node trains on the batches it would have had without a break.
         """
         node, began = self.node, time.monotonic()
-        start = await self.join()
+        start = await self.join(resume)
         it = iter(batches)
-        waited = 0.0
-        pending: tuple[int, float, WaitRecord, float] | None = None
-        while node.step < steps:
-            step = node.step
-            wait = await node.barrier()
-            waited += wait.wait_s
-            computed_at = time.monotonic()
-            inputs = await node.inputs()
-            self._weight = inputs.weight  # what every delta of this step weighs
-            loss, delta = await self._run(self._step, inputs, it, step)
-            compute_s = time.monotonic() - computed_at
-            self.last_loss = loss
-            await node.publish(step, delta)
-            if (peer_model := await node.after_step(step)) is not None:
-                await self._run(self._average, peer_model)
-            out_of_time = time_budget_s is not None and time.monotonic() - began >= time_budget_s
-            if step + 1 == steps or out_of_time:
-                pending = (step, loss, wait, compute_s)  # logged with the final accuracy
-                break
-            accuracy = None
-            if self.eval_every and (step + 1) % self.eval_every == 0:
-                accuracy = await self._run(self._evaluate)
-            if on_step is not None:
-                on_step(self._log(step, loss, accuracy, wait, began, compute_s))
+        if skip_completed and start:
+            await self._run(_consume, it, start)
+        async with asyncio.TaskGroup() as saves:
+            waited, pending = await self._loop(
+                it, saves, steps=steps, on_step=on_step, began=began, time_budget_s=time_budget_s
+            )
         accuracy = await self._settle()
         if on_step is not None and pending is not None:
             step, loss, wait, compute_s = pending
@@ -308,6 +338,43 @@ class Trainer:
             elapsed_s=time.monotonic() - began,
             counters=dict(node.counters),
         )
+
+    async def _loop(
+        self,
+        it: Iterator[Batch],
+        saves: asyncio.TaskGroup,
+        *,
+        steps: int,
+        on_step: Callable[[StepLog], None] | None,
+        began: float,
+        time_budget_s: float | None,
+    ) -> tuple[float, tuple[int, float, WaitRecord, float] | None]:
+        """The steps; returns the time waited at barriers and the last step's log entry."""
+        node, waited = self.node, 0.0
+        while node.step < steps:
+            step = node.step
+            wait = await node.barrier()
+            waited += wait.wait_s
+            computed_at = time.monotonic()
+            inputs = await node.inputs()
+            self._weight = inputs.weight  # what every delta of this step weighs
+            loss, delta = await self._run(self._step, inputs, it, step)
+            compute_s = time.monotonic() - computed_at
+            self.last_loss = loss
+            await node.publish(step, delta)
+            if (peer_model := await node.after_step(step)) is not None:
+                await self._run(self._average, peer_model)
+            take = functools.partial(self._run, ckpt.snapshot, self._params, self.optimizer)
+            await self.checkpoints.save_if_due(node.step, take, saves)
+            out_of_time = time_budget_s is not None and time.monotonic() - began >= time_budget_s
+            if step + 1 == steps or out_of_time:
+                return waited, (step, loss, wait, compute_s)  # logged with the final accuracy
+            accuracy = None
+            if self.eval_every and (step + 1) % self.eval_every == 0:
+                accuracy = await self._run(self._evaluate)
+            if on_step is not None:
+                on_step(self._log(step, loss, accuracy, wait, began, compute_s))
+        return waited, None
 
     async def _settle(self) -> float | None:
         """After the last step: wait until the barrier's peers are done too, so their last
@@ -350,3 +417,7 @@ class Trainer:
             n_checks=wait.n_checks,
             waited_on=[p.hex()[:8] for p in wait.blocked_on],
         )
+
+
+def _consume(it: Iterator[Batch], n: int) -> None:
+    next(itertools.islice(it, n, n), None)
