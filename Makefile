@@ -13,19 +13,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --constraint constraints.txt -e '.[dev,train]'
 	touch $(STAMP)
 
+# The main job: four peer-mode nodes train the mlp on mnist-5k for 30 s each, one of them a
+# straggler (0.3 s extra per step), first under pSSP (beta 2, s 4), then under BSP; then both runs
+# are plotted side by side and a verdict line per barrier is printed.
+DEMO_RUN = --nodes 4 --slow 0,0,0,0.3 --steps 100000 --time-budget 30 --eval-every 20 --dataset mnist-5k --model mlp
+
 demo: $(STAMP)
-	mkdir -p $(DEMO_DIR)
-	$(BIN)/p2pml simulate --nodes 200 --duration 200 --barrier bsp,ssp,asp,pbsp,pssp \
-		--staleness 4 --sample 10 --seed 1 \
-		--json $(DEMO_DIR)/barriers.json --plot $(DEMO_DIR)/barriers.png
-	$(BIN)/p2pml simulate --nodes 200 --duration 200 --barrier pbsp \
-		--sample 0,1,2,4,8,16,32,64 --seed 1 \
-		--json $(DEMO_DIR)/pbsp-sweep.json --plot $(DEMO_DIR)/pbsp-sweep.png
-	$(BIN)/p2pml bounds --staleness 4 --length 10000 --sample 1,2,4,8,16,128 \
-		--json $(DEMO_DIR)/bounds.json --plot $(DEMO_DIR)/bounds.png
+	$(BIN)/p2pml local $(DEMO_RUN) --barrier pssp --sample 2 --staleness 4 --out $(DEMO_DIR)/pssp
+	$(BIN)/p2pml local $(DEMO_RUN) --barrier bsp --out $(DEMO_DIR)/bsp
 	@echo
-	@echo "Demo results are in $(DEMO_DIR)/: barriers.png, pbsp-sweep.png and bounds.png (plots),"
-	@echo "with the numbers behind them in barriers.json, pbsp-sweep.json and bounds.json."
+	$(BIN)/p2pml plot $(DEMO_DIR)/pssp $(DEMO_DIR)/bsp --out $(DEMO_DIR)
+	@echo
+	@echo "Plots: $(DEMO_DIR)/compare.png (both runs), $(DEMO_DIR)/pssp/*.png and $(DEMO_DIR)/bsp/*.png;"
+	@echo "logs, metadata.json and summary.json beside them."
 
 lint: $(STAMP)
 	$(BIN)/ruff check p2pml tests benchmarks examples

@@ -176,11 +176,18 @@ def run(
         float, typer.Option(help="Worker: give up on an unreachable server after this long, s.")
     ] = 60.0,
     checkpoint_every: Annotated[
-        int, typer.Option(help="Server: save the model every N updates (0: never).")
+        int,
+        typer.Option(
+            help="Save model and optimiser state every N steps (server: model versions); 0: never."
+        ),
     ] = 0,
     checkpoint_dir: Annotated[
         Path | None,
-        typer.Option(help="Server: checkpoint folder; a restarted server resumes from it."),
+        typer.Option(help="Checkpoint folder (default: --resume's); a server resumes from it."),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue from the newest good checkpoint in this folder (not workers)."),
     ] = None,
     log_path: Annotated[
         str, typer.Option("--log", help="JSON-lines step log: a file, or - for stdout.")
@@ -200,10 +207,21 @@ def run(
     server_addr = _address(server, "--server") if server else None
     if (role == "worker") != (server_addr is not None):
         raise bad_flag("--server", server, "host:port with --role worker, and only with it")
-    if checkpoint_every and role != "server":
-        raise bad_flag("--checkpoint-every", checkpoint_every, "0 unless --role server")
+    if role == "worker" and (checkpoint_every or resume is not None or checkpoint_dir):
+        flag, value = (
+            ("--resume", str(resume))
+            if resume is not None
+            else ("--checkpoint-every", checkpoint_every)
+            if checkpoint_every
+            else ("--checkpoint-dir", str(checkpoint_dir))
+        )
+        raise bad_flag(flag, value, "none for a worker: its server checkpoints the model")
+    if checkpoint_dir is None and role != "server":
+        checkpoint_dir = resume
     if checkpoint_every and checkpoint_dir is None:
         raise bad_flag("--checkpoint-dir", None, "a folder when --checkpoint-every is > 0")
+    if resume is not None and not resume.is_dir():
+        raise bad_flag("--resume", str(resume), "an existing folder of checkpoints")
     if checkpoint_dir is not None and checkpoint_dir.exists() and not checkpoint_dir.is_dir():
         raise bad_flag("--checkpoint-dir", str(checkpoint_dir), "a folder, not a file")
     if time_budget and role == "server":
@@ -297,7 +315,15 @@ def run(
             )
 
     if role == "server":
-        _serve(session, out, eval_every=eval_every, checkpoint_dir=checkpoint_dir, save=save)
+        _serve(
+            session,
+            out,
+            eval_every=eval_every,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            save=save,
+            http_flag="--http-listen" if http_listen else "--listen",
+        )
         return
     started = time.monotonic()
     try:
@@ -310,15 +336,15 @@ def run(
                 save=save,
                 time_budget_s=time_budget or None,
                 server=server_addr,
+                checkpoint_dir=checkpoint_dir,
+                resume=resume,
             )
         )
     except KeyboardInterrupt:
         print("p2pml run: interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
     except ConfigError as err:
-        if err.field not in ("listen", "advertise"):
-            raise
-        raise bad_flag("--listen", listen, err.allowed) from None
+        raise _runtime_flag(err, http_flag="--http-listen") from None
     except (OverlayError, BarrierTimeout, P2PMLError) as err:
         print(f"p2pml run: error: {err}", file=sys.stderr)
         raise typer.Exit(1) from None
@@ -337,13 +363,31 @@ def run(
     )
 
 
+def _runtime_flag(err: ConfigError, *, http_flag: str) -> Exception:
+    """A configuration mistake found only once the node starts (a busy port, no usable
+    checkpoint), as the one-line error of the flag behind it."""
+    flags = {
+        "listen": ("--listen", err.value),
+        "advertise": ("--advertise", err.value),
+        "http_listen": (http_flag, err.value),
+        "checkpoint folder": ("--resume", err.value),
+        "resume": ("--resume", err.value),
+        "checkpoint_dir": ("--checkpoint-dir", err.value),
+        "save": ("--save", err.value),
+    }
+    flag, value = flags.get(err.field, (err.field, err.value))
+    return bad_flag(flag, value, err.allowed)
+
+
 def _serve(
     session: Session,
     out: IO[str],
     *,
     eval_every: int,
     checkpoint_dir: Path | None,
+    resume: Path | None,
     save: Path | None,
+    http_flag: str,
 ) -> None:
     """Run the parameter server until its workers have finished."""
 
@@ -367,6 +411,7 @@ def _serve(
                 eval_every=eval_every,
                 on_update=on_update,
                 checkpoint_dir=checkpoint_dir,
+                resume=resume,
                 save=save,
                 on_ready=on_ready,
             )
@@ -374,6 +419,8 @@ def _serve(
     except KeyboardInterrupt:
         print("p2pml run: interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
+    except ConfigError as err:
+        raise _runtime_flag(err, http_flag=http_flag) from None
     except OSError as err:
         print(f"p2pml run: error: cannot serve: {err}", file=sys.stderr)
         raise typer.Exit(1) from None

@@ -43,6 +43,7 @@ from aiohttp import web
 from p2pml.core.config import DataPlaneConfig
 from p2pml.core.types import Address
 from p2pml.errors import (
+    ConfigError,
     PeerRejected,
     PeerTimeout,
     PeerUnreachable,
@@ -235,9 +236,13 @@ class DataPlaneServer:
         )
         try:
             await site.start()
-        except OSError:
+        except OSError as err:
             await runner.cleanup()
-            raise
+            raise ConfigError(
+                "http_listen",
+                str(self.config.listen),
+                f"an address this host can bind ({err.strerror or err})",
+            ) from err
         host, port = runner.addresses[0][:2]
         self._addr = Address(host, port)
         log.info("data plane listening on %s", self._addr)

@@ -78,6 +78,7 @@ class UpdateLog:
     n_workers: int
     accuracy: float | None
     time_s: float
+    unix_s: float = 0.0  # wall-clock time of the update, the time axis shared with workers
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -320,6 +321,7 @@ class ParameterServer:
             n_workers=len(self.machine.training()),
             accuracy=None,
             time_s=round(time.monotonic() - self._started, 4),
+            unix_s=round(time.time(), 4),
         )
         if self.on_update is None:
             return

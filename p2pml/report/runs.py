@@ -134,6 +134,16 @@ class RunData:
             return f"{barrier} ({self.folder.name})"
         return self.folder.name
 
+    def name_of(self, trace: NodeTrace) -> str:
+        """The node's name for a legend, with its straggler delay when it had one."""
+        nodes = self.metadata.get("nodes")
+        for node in nodes if isinstance(nodes, list) else []:
+            if isinstance(node, Mapping) and node.get("name") == trace.name:
+                slow = _number(node.get("slow_s"))
+                if slow:
+                    return f"{trace.name} (+{slow:g} s/step)"
+        return trace.name
+
     @property
     def trainers(self) -> list[NodeTrace]:
         return [n for n in self.nodes if n.role != SERVER]
@@ -263,7 +273,7 @@ def plot_run(run: RunData, folder: Path) -> list[Path]:
         for trace, color in zip(trainers, colors, strict=True):
             xs, ys = trace.series(x, y)
             marker = "o" if y == "accuracy" else None
-            ax.plot(xs, ys, color=color, lw=1.2, marker=marker, ms=3, label=trace.name)
+            ax.plot(xs, ys, color=color, lw=1.2, marker=marker, ms=3, label=run.name_of(trace))
         if server is not None and y == "accuracy":
             sx, sy = server.series("version" if x == "step" else x, "accuracy")
             label = "server (x: model version)" if x == "step" else "server"
@@ -282,7 +292,7 @@ def plot_run(run: RunData, folder: Path) -> list[Path]:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
     for trace, color in zip(trainers, colors, strict=True):
         xs, ys = trace.series("time_s", "step")
-        left.plot(xs, ys + 1 if len(ys) else ys, color=color, lw=1.2, label=trace.name)
+        left.plot(xs, ys + 1 if len(ys) else ys, color=color, lw=1.2, label=run.name_of(trace))
     left.set_xlabel("seconds since the first step")
     left.set_ylabel("steps completed")
     left.grid(alpha=0.3)

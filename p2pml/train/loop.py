@@ -96,6 +96,10 @@ class StepDriver(Protocol):
 
     async def finish(self) -> None: ...
 
+    def record_loss(self, step: int, loss: float) -> None: ...
+
+    def record_accuracy(self, step: int, accuracy: float) -> None: ...
+
 
 class TrainingDiverged(P2PMLError):
     """The loss became NaN or infinite; the delta is not sent."""
@@ -117,6 +121,7 @@ class StepLog:
     compute_s: float
     n_checks: int
     waited_on: list[str]
+    unix_s: float = 0.0  # wall-clock time of the line, so runs' nodes share one time axis
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -325,9 +330,9 @@ class Trainer:
                 it, saves, steps=steps, on_step=on_step, began=began, time_budget_s=time_budget_s
             )
         accuracy = await self._settle()
-        if on_step is not None and pending is not None:
+        if pending is not None:
             step, loss, wait, compute_s = pending
-            on_step(self._log(step, loss, accuracy, wait, began, compute_s))
+            self._emit(on_step, self._log(step, loss, accuracy, wait, began, compute_s))
         await node.finish()
         return TrainResult(
             steps=node.step,
@@ -372,9 +377,16 @@ class Trainer:
             accuracy = None
             if self.eval_every and (step + 1) % self.eval_every == 0:
                 accuracy = await self._run(self._evaluate)
-            if on_step is not None:
-                on_step(self._log(step, loss, accuracy, wait, began, compute_s))
+            self._emit(on_step, self._log(step, loss, accuracy, wait, began, compute_s))
         return waited, None
+
+    def _emit(self, on_step: Callable[[StepLog], None] | None, entry: StepLog) -> None:
+        """Hand a step's line to the node's metrics and to the caller."""
+        self.node.record_loss(entry.step, entry.loss)
+        if entry.accuracy is not None:
+            self.node.record_accuracy(entry.step, entry.accuracy)
+        if on_step is not None:
+            on_step(entry)
 
     async def _settle(self) -> float | None:
         """After the last step: wait until the barrier's peers are done too, so their last
@@ -416,6 +428,7 @@ class Trainer:
             compute_s=round(compute_s, 6),
             n_checks=wait.n_checks,
             waited_on=[p.hex()[:8] for p in wait.blocked_on],
+            unix_s=round(time.time(), 4),
         )
 
 
