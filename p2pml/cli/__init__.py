@@ -12,6 +12,7 @@ import sys
 import typer
 
 from p2pml import __version__
+from p2pml.cli.args import UsageError
 from p2pml.cli.bench import bench_app
 from p2pml.cli.bounds import bounds
 from p2pml.cli.config import ConfigCommand, describe_origin
@@ -24,11 +25,6 @@ from p2pml.errors import ConfigError
 
 __all__ = ["app", "main"]
 
-# typer re-exports click's BadParameter (recent typers vendor click); its base is click's
-# UsageError, the class of every mistake in a command line, whichever click this typer uses.
-_UsageError: type[Exception] = next(
-    cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError"
-)
 
 app = typer.Typer(
     name="p2pml",
@@ -69,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         result = command.main(args=argv, prog_name="p2pml", standalone_mode=False)
     except typer.Exit as done:
         return int(done.exit_code)
-    except _UsageError as err:
+    except UsageError as err:
         ctx = getattr(err, "ctx", None)
         name = ctx.command_path if ctx is not None else "p2pml"
         message = err.format_message() if hasattr(err, "format_message") else str(err)

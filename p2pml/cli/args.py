@@ -13,6 +13,7 @@ from p2pml.core.sampling import SampleSize
 from p2pml.errors import ConfigError
 
 __all__ = [
+    "UsageError",
     "bad_flag",
     "check_writable",
     "flag_for",
@@ -21,6 +22,12 @@ __all__ = [
     "parse_samples",
     "parse_shard",
 ]
+
+# typer re-exports click's BadParameter (recent typers vendor click); its base is click's
+# UsageError, the class of every mistake in a command line, whichever click this typer uses.
+UsageError: type[Exception] = next(
+    cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError"
+)
 
 T = TypeVar("T")
 

@@ -43,7 +43,7 @@ from rich.live import Live
 from rich.table import Table
 
 from p2pml import __version__
-from p2pml.cli.args import bad_flag
+from p2pml.cli.args import UsageError, bad_flag
 from p2pml.core.barrier import get_policy
 from p2pml.core.sampling import SampleSize
 from p2pml.errors import ConfigError
@@ -491,8 +491,6 @@ def local(
 def _check_run_flags(args: list[str]) -> None:
     """Parse the flags every node will get with `p2pml run`'s own parser, so a mistake is one
     line here rather than a crash of every node."""
-    import click
-
     from p2pml.cli.run import run
 
     app = typer.Typer()
@@ -500,8 +498,9 @@ def _check_run_flags(args: list[str]) -> None:
     command = typer.main.get_command(app)
     try:
         command.make_context("p2pml run", list(args))
-    except click.UsageError as err:
-        raise click.UsageError(f"(passed to p2pml run) {err.format_message()}") from None
+    except UsageError as err:
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        raise UsageError(f"(passed to every node's p2pml run) {message}") from None
 
 
 def _monitor(

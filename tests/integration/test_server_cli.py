@@ -133,7 +133,7 @@ def start_worker(tmp_path: Path, addr: str, i: int, *extra: str) -> Proc:
         (["--server", "127.0.0.1:5000"], "--server"),
         (["--role", "worker", "--server", "nohost"], "--server"),
         (["--role", "server", "--checkpoint-every", "5"], "--checkpoint-dir"),
-        (["--checkpoint-every", "5", "--checkpoint-dir", "x"], "--checkpoint-every"),
+        (["--role", "worker", "--server", "127.0.0.1:9", "--checkpoint-every", "5"], "--checkp"),
         (["--role", "server", "--checkpoint-every", "-1"], "--checkpoint-every"),
         (["--role", "server", "--heartbeat-timeout", "0"], "--heartbeat-timeout"),
         (
