@@ -1,9 +1,9 @@
 """p2pml: decentralised data-parallel training with probabilistic synchronous barriers.
 
 Importing this package is cheap: it loads the pure core only (no torch, aiohttp or kademlia).
-`EmbeddedNode`, `NodeStopped` and `numpy_manifest` are imported on first use (the first two bring
-in the node, aiohttp and kademlia); they are not in `__all__`, so ``from p2pml import *`` stays
-cheap and the names bound here stay exactly `__all__`.
+`EmbeddedNode` and `numpy_manifest` are imported on first use (the first brings in the node,
+aiohttp and kademlia); they are not in `__all__`, so ``from p2pml import *`` stays cheap and the
+names bound here stay exactly `__all__`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from p2pml.core.types import Address, PeerId, PeerInfo, Step
 from p2pml.errors import (
     BarrierTimeout,
     ConfigError,
+    NodeStopped,
     OverlayError,
     P2PMLError,
     PeerTimeout,
@@ -41,13 +42,11 @@ from p2pml.errors import (
 if typing.TYPE_CHECKING:
     from p2pml.node.arrays import numpy_manifest as numpy_manifest
     from p2pml.node.embed import EmbeddedNode as EmbeddedNode
-    from p2pml.node.embed import NodeStopped as NodeStopped
 
 __version__ = "0.1.0"
 
 _LAZY: typing.Final = {
     "EmbeddedNode": "p2pml.node.embed",
-    "NodeStopped": "p2pml.node.embed",
     "numpy_manifest": "p2pml.node.arrays",
 }
 
@@ -60,6 +59,7 @@ __all__ = [
     "ConfigError",
     "Decision",
     "NodeConfig",
+    "NodeStopped",
     "OverlayError",
     "P2PMLError",
     "PeerId",

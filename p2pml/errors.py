@@ -14,7 +14,9 @@ Callers only ever see these; third-party exceptions are mapped where their libra
     │   ├── PeerTimeout (also TimeoutError)
     │   └── PeerRejected                   the peer answered with an error status
     ├── OverlayError                       the DHT could not complete an operation
-    └── BarrierTimeout (also TimeoutError) a barrier wait ran out of time
+    ├── BarrierTimeout (also TimeoutError) a barrier wait ran out of time
+    ├── NodeStopped                        an embedded node stopped before or during a call
+    └── TrainingDiverged                   the loss became NaN or infinite
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "BarrierTimeout",
     "ConfigError",
+    "NodeStopped",
     "OverlayError",
     "P2PMLError",
     "PeerRejected",
@@ -29,6 +32,7 @@ __all__ = [
     "PeerUnreachable",
     "ProtocolError",
     "Refused",
+    "TrainingDiverged",
     "TransportError",
     "UnexpectedMessage",
     "WireFormatError",
@@ -96,3 +100,11 @@ class OverlayError(P2PMLError):
 
 class BarrierTimeout(P2PMLError, TimeoutError):
     """A barrier wait did not pass within its deadline."""
+
+
+class NodeStopped(P2PMLError):
+    """The embedded node was stopped, or its loop thread failed, before or during a call."""
+
+
+class TrainingDiverged(P2PMLError):
+    """The loss became NaN or infinite; the delta is not sent."""

@@ -38,7 +38,7 @@ import numpy as np
 
 from p2pml.core.run import NodeConfig, RunManifest
 from p2pml.core.types import Address, PeerId
-from p2pml.errors import P2PMLError
+from p2pml.errors import NodeStopped
 from p2pml.node.arrays import (
     Contribution,
     HeldModel,
@@ -61,10 +61,6 @@ T = TypeVar("T")
 STOP_GRACE_S: Final = 5.0
 GRACE_S: Final = 1.0
 PEEK_TIMEOUT_S: Final = 5.0
-
-
-class NodeStopped(P2PMLError):
-    """The embedded node was stopped, or its loop thread failed, before or during a call."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from p2pml.core.run import RunManifest
-from p2pml.errors import ConfigError, P2PMLError
+from p2pml.errors import ConfigError, P2PMLError, TrainingDiverged
 from p2pml.node.node import ModelSource, Node, PushReport, StepInputs
 from p2pml.protocol.messages import DeltaPush, ModelReply, TensorBlob
 from p2pml.protocol.sync import WaitRecord
@@ -99,10 +99,6 @@ class StepDriver(Protocol):
     def record_loss(self, step: int, loss: float) -> None: ...
 
     def record_accuracy(self, step: int, accuracy: float) -> None: ...
-
-
-class TrainingDiverged(P2PMLError):
-    """The loss became NaN or infinite; the delta is not sent."""
 
 
 @dataclass(frozen=True, slots=True)
