@@ -361,6 +361,9 @@ def local(
     _check_run_flags([*common, *extra])
 
     folder = out if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "metadata.json").is_file():
+        # Reusing a folder replaces its logs: only ever one that an earlier run wrote.
+        raise bad_flag("--out", str(folder), "a new or empty folder, or an earlier run's folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "keys").mkdir(exist_ok=True)
@@ -369,9 +372,9 @@ def local(
         probe.unlink()
     except OSError as err:
         raise bad_flag("--out", str(folder), f"a writable folder ({err.strerror})") from None
-    stale = [p for p in folder.glob("*.jsonl")] + [p for p in folder.glob("*.stderr.log")]
-    for path in stale:  # a rerun into the same folder starts fresh logs
-        path.unlink()
+    for name in ("*.jsonl", "*.stderr.log", "*.png", "summary.json", "metadata.json"):
+        for path in folder.glob(name):  # an earlier run's outputs: this run writes its own
+            path.unlink()
 
     exe = [sys.executable, "-m", "p2pml"]
     children: list[Child] = []
@@ -447,7 +450,7 @@ def local(
         _write_json(
             folder / "metadata.json",
             {
-                "command": ["p2pml", "local", *sys.argv[2:]] if len(sys.argv) > 1 else [],
+                "command": sys.argv,
                 "started_at": started_at.isoformat(),
                 "out": str(folder),
                 "params": params,

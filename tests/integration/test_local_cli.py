@@ -203,6 +203,14 @@ def test_bad_flags_end_with_one_line_naming_the_flag(tmp_path, capsys, args, nam
     assert not (tmp_path / "run" / "metadata.json").exists()
 
 
+def test_a_folder_that_is_not_a_run_is_never_overwritten(tmp_path, capsys):
+    (tmp_path / "notes.jsonl").write_text("mine\n")
+    assert main(["local", "--out", str(tmp_path), "--nodes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "notes.jsonl").read_text() == "mine\n"
+
+
 def test_plot_refuses_a_folder_without_logs(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     err = capsys.readouterr().err
