@@ -10,7 +10,7 @@ file, then the built-in default.
   ``--print-config`` has no variable, so that no environment can stop a node from starting.
 - **File.** ``--config FILE`` reads TOML. Keys are option names without the leading dashes,
   with dashes or underscores (``http-listen`` or ``http_listen``). They sit in a table named
-  after the command (``[run]``, ``[local]``), or at the top level, where they apply to any
+  after the command (``[run]``), or at the top level, where they apply to any
   command reading the file; the command's table overrides the top level, and tables of the other
   commands are skipped, so one file can serve both. Values have the option's type: a string, an
   integer (also accepted for string options: ``sample = 10``), a number (integer or float), a
@@ -65,7 +65,7 @@ __all__ = [
 ]
 
 ENV_PREFIX = "P2PML_"
-COMMAND_TABLES = ("run", "local")  # tables of a config file; each is read by its command only
+COMMAND_TABLES = ("run",)  # tables of a config file; each is read by its command only
 _META_FLAGS = ("--config", "--print-config")  # options about the configuration itself
 _PATH_KEY = "p2pml.config.path"  # ctx.meta: the file that filled ctx.default_map
 _SOURCES = {"COMMANDLINE": "flag", "ENVIRONMENT": "env", "DEFAULT_MAP": "file"}

@@ -53,7 +53,12 @@ __all__ = ["local", "parse_slow"]
 MAX_NODES = 64
 GRACE_S = 10.0  # how long a child has to stop after SIGINT before it is killed
 START_TIMEOUT_S = 60.0  # a seed or server that has not said where it listens by then failed
-_OWN_FLAGS = {
+_OWN_FLAGS = {  # set per node by p2pml local, or a path every node would share
+    "--save",
+    "--checkpoint-dir",
+    "--resume",
+    "--config",
+    "--print-config",
     "--listen",
     "--http-listen",
     "--bootstrap",
@@ -354,14 +359,16 @@ def local(
     ]  # fmt: skip
     if data_dir is not None:
         common += ["--data-dir", str(data_dir.resolve())]
-    if time_budget:
-        common += ["--time-budget", str(time_budget)]
+    if not staleness >= 0:
+        raise bad_flag("--staleness", staleness, "a whole number of steps >= 0")
     if not any(a.split("=", 1)[0] == "--join-timeout" for a in extra):
         common += ["--join-timeout", str(max(120.0, 15.0 * nodes))]
-    _check_run_flags([*common, *extra])
+    trains = ["--time-budget", str(time_budget)] if time_budget else []  # not the server
+    _check_run_flags([*common, *trains, *extra])
+    checkpoints = any(a.split("=", 1)[0] == "--checkpoint-every" for a in extra)
 
     folder = out if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / "metadata.json").is_file():
+    if folder.is_dir() and any(folder.iterdir()) and not _is_run_folder(folder):
         # Reusing a folder replaces its logs: only ever one that an earlier run wrote.
         raise bad_flag("--out", str(folder), "a new or empty folder, or an earlier run's folder")
     try:
@@ -397,6 +404,7 @@ def local(
                 *exe, "run", "--role", "server", "--listen", "127.0.0.1:0",
                 "--min-peers", str(nodes), "--log", str(folder / "server.jsonl"),
                 "--key", str(folder / "keys" / "server.key"), *common, *extra,
+                *(["--checkpoint-dir", str(folder / "checkpoints")] if checkpoints else []),
             ],
             folder / "server.jsonl",
             folder / "server.stderr.log",
@@ -409,7 +417,9 @@ def local(
         ]  # fmt: skip
         if delays[i]:
             argv += ["--slow", str(delays[i])]
-        argv += [*common, *extra]
+        if checkpoints:  # each node its own folder: checkpoint files are named by step only
+            argv += ["--checkpoint-dir", str(folder / "checkpoints" / name)]
+        argv += [*common, *trains, *extra]
         children.append(
             Child(name, role if role == "peer" else "worker", argv, folder / f"{name}.jsonl",
                   folder / f"{name}.stderr.log", slow=delays[i])
@@ -424,11 +434,15 @@ def local(
     }  # fmt: skip
     started_at = datetime.now(UTC)
     console = Console(stderr=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # Every node gets exactly the flags above: P2PML_* settings of this shell (which `p2pml run`
+    # would read) stay out, or one P2PML_SAVE or P2PML_HTTP_LISTEN would hit every node.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2PML_")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     stop = _Stop()
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     began = time.monotonic()
     status = "finished"
+    everyone = [c for c in (seed_child, server_child) if c is not None] + children
     try:
         try:
             first = seed_child or server_child
@@ -446,7 +460,6 @@ def local(
         except _StartFailed as err:
             console.print(f"[red]p2pml local: error: {err}[/red]")
             status = "failed"
-        everyone = [c for c in (seed_child, server_child) if c is not None] + children
         _write_json(
             folder / "metadata.json",
             {
@@ -474,7 +487,11 @@ def local(
                 f"p2pml local: {nodes} {trainer_name}s of run {run_id}; output in {folder}"
             )
             status = _monitor(everyone, children, console, stop, steps, timeout, began)
+            if status == "finished" and not any(c.status == "finished" for c in children):
+                console.print(f"[red]p2pml local: no {trainer_name} finished[/red]")
+                status = "failed"
     finally:
+        _stop_all(everyone, trainers_done=False)  # whatever ended this, no child outlives it
         for s, handler in previous.items():
             signal.signal(s, handler)
     elapsed = time.monotonic() - began
@@ -489,6 +506,15 @@ def local(
         raise typer.Exit(130)
     if status in ("failed", "timeout"):
         raise typer.Exit(1)
+
+
+def _is_run_folder(folder: Path) -> bool:
+    """Whether `folder` holds an earlier `p2pml local` run (its metadata says so)."""
+    try:
+        meta = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and {"params", "nodes", "versions"} <= set(meta)
 
 
 def _check_run_flags(args: list[str]) -> None:

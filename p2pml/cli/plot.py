@@ -61,7 +61,11 @@ def plot(
         except ConfigError as err:
             raise bad_flag("RUN", str(folder), err.allowed) from None
     for run in loaded:
-        for path in plot_run(run, run.folder):
+        try:
+            written = plot_run(run, run.folder)
+        except OSError as err:
+            raise bad_flag("RUN", str(run.folder), f"a writable run folder ({err})") from None
+        for path in written:
             print(f"p2pml plot: {path}", file=sys.stderr)
     if len(loaded) > 1:
         target = out if out is not None else loaded[0].folder.parent

@@ -222,6 +222,17 @@ def run(
         raise bad_flag("--checkpoint-dir", None, "a folder when --checkpoint-every is > 0")
     if resume is not None and not resume.is_dir():
         raise bad_flag("--resume", str(resume), "an existing folder of checkpoints")
+    if (
+        role == "peer"
+        and resume is None
+        and checkpoint_dir is not None
+        and any(checkpoint_dir.glob("node-*.p2pml"))
+    ):  # a fresh start there would prune the old run's checkpoints by step, not by age
+        raise bad_flag(
+            "--checkpoint-dir",
+            str(checkpoint_dir),
+            "a folder without checkpoints, unless you --resume from it",
+        )
     if checkpoint_dir is not None and checkpoint_dir.exists() and not checkpoint_dir.is_dir():
         raise bad_flag("--checkpoint-dir", str(checkpoint_dir), "a folder, not a file")
     if time_budget and role == "server":
@@ -344,7 +355,10 @@ def run(
         print("p2pml run: interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
     except ConfigError as err:
-        raise _runtime_flag(err, http_flag="--http-listen") from None
+        raise _runtime_flag(err, http_flag="--http-listen" if http_listen else "--listen") from None
+    except OSError as err:  # the step log's disk filled up, or its folder went away
+        print(f"p2pml run: error: {err}", file=sys.stderr)
+        raise typer.Exit(1) from None
     except (OverlayError, BarrierTimeout, P2PMLError) as err:
         print(f"p2pml run: error: {err}", file=sys.stderr)
         raise typer.Exit(1) from None

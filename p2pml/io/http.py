@@ -29,7 +29,9 @@ answered and the reply bodies it read.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
@@ -78,6 +80,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+MAX_ERROR_BODY: Final = 4096  # bytes of a peer's error reply that are read
+_CODE: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 CONTENT_TYPE: Final = "application/x-p2pml"
 METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -507,8 +511,11 @@ class DataPlaneClient:
 
     async def _rejection(self, response: aiohttp.ClientResponse) -> PeerRejected:
         try:
-            data = await response.json(content_type=None)
-            code, text = str(data["error"]), str(data["message"])
+            body = await response.content.read(MAX_ERROR_BODY)
+            data = json.loads(body)
+            code, text = str(data["error"]), str(data["message"])[:MAX_ERROR_BODY]
         except (aiohttp.ClientError, ValueError, KeyError, TypeError):
             code, text = "unknown", f"status {response.status} without a p2pml error body"
+        if not _CODE.fullmatch(code):  # a peer's word: counters and labels are keyed by it
+            code = "other"
         return PeerRejected(response.status, code, text)

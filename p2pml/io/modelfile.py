@@ -116,14 +116,20 @@ def save_model(
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a folder gone: the file is not written, say where
+        Path(tmp).unlink(missing_ok=True)
+        raise ConfigError("save", str(path), f"a writable path ({err.strerror or err})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        raise ConfigError("save", str(path), f"a writable path ({err.strerror or err})") from None
 
 
 def _read(path: Path) -> bytearray:
@@ -211,7 +217,10 @@ def save_checkpoint(
     save_model(path, run_tag, step, tensors, version=version)
     for _version, old in _numbered(folder, prefix)[keep:]:
         if old != path:
-            old.unlink(missing_ok=True)
+            try:
+                old.unlink(missing_ok=True)
+            except OSError as err:  # an old file that will not go is no reason to stop training
+                log.warning("could not delete the old checkpoint %s: %s", old, err)
     return path
 
 

@@ -415,7 +415,9 @@ class EmbeddedNode:
         node = self._started()
         step = node.step
         await node.publish(step, blobs)
-        self._unapplied.append((step, node.peer_id, blobs))
+        # Kept until a barrier passes: a copy, as the caller may reuse its buffers meanwhile.
+        kept = tuple(TensorBlob(b.name, b.array.copy()) for b in blobs)
+        self._unapplied.append((step, node.peer_id, kept))
         wait = await node.barrier(timeout_s=timeout_s)
         own, self._unapplied = self._unapplied, []
         received = [(m.step, m.sender, m.tensors) for m in node.take_deltas()]

@@ -179,7 +179,10 @@ def load_run(folder: Path) -> RunData:
         if isinstance(loaded, dict):
             run.metadata = loaded
     for path in sorted(folder.glob(f"*{LOG_SUFFIX}"), key=_node_order):
-        records, skipped = read_log(path)
+        try:
+            records, skipped = read_log(path)
+        except OSError as err:
+            raise ConfigError("run folder", str(path), f"a readable log ({err})") from None
         run.nodes.append(NodeTrace(path.name[: -len(LOG_SUFFIX)], records, skipped))
     starts = [v for n in run.nodes if n.records if (v := _number(n.records[0].get("unix_s")))]
     if starts and all(any("unix_s" in r for r in n.records) for n in run.nodes if n.records):

@@ -96,10 +96,6 @@ class StepDriver(Protocol):
 
     async def finish(self) -> None: ...
 
-    def record_loss(self, step: int, loss: float) -> None: ...
-
-    def record_accuracy(self, step: int, accuracy: float) -> None: ...
-
 
 @dataclass(frozen=True, slots=True)
 class StepLog:
@@ -321,10 +317,18 @@ class Trainer:
         it = iter(batches)
         if skip_completed and start:
             await self._run(_consume, it, start)
-        async with asyncio.TaskGroup() as saves:
-            waited, pending = await self._loop(
-                it, saves, steps=steps, on_step=on_step, began=began, time_budget_s=time_budget_s
-            )
+        try:
+            async with asyncio.TaskGroup() as saves:
+                waited, pending = await self._loop(
+                    it,
+                    saves,
+                    steps=steps,
+                    on_step=on_step,
+                    began=began,
+                    time_budget_s=time_budget_s,
+                )
+        except BaseExceptionGroup as group:
+            raise _sole(group) from None
         accuracy = await self._settle()
         if pending is not None:
             step, loss, wait, compute_s = pending
@@ -377,10 +381,12 @@ class Trainer:
         return waited, None
 
     def _emit(self, on_step: Callable[[StepLog], None] | None, entry: StepLog) -> None:
-        """Hand a step's line to the node's metrics and to the caller."""
-        self.node.record_loss(entry.step, entry.loss)
-        if entry.accuracy is not None:
-            self.node.record_accuracy(entry.step, entry.accuracy)
+        """Hand a step's line to the node's metrics (when it keeps any) and to the caller."""
+        if (record_loss := getattr(self.node, "record_loss", None)) is not None:
+            record_loss(entry.step, entry.loss)
+        record_accuracy = getattr(self.node, "record_accuracy", None)
+        if entry.accuracy is not None and record_accuracy is not None:
+            record_accuracy(entry.step, entry.accuracy)
         if on_step is not None:
             on_step(entry)
 
@@ -426,6 +432,21 @@ class Trainer:
             waited_on=[p.hex()[:8] for p in wait.blocked_on],
             unix_s=round(time.time(), 4),
         )
+
+
+def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error behind a task group's failure, as callers expect it (a `BarrierTimeout`, not a
+    group holding one): the training loop's own when it failed, else the first one."""
+    leaves = list(_leaves(group))
+    return leaves[0] if leaves else group
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            yield from _leaves(error)
+        else:
+            yield error
 
 
 def _consume(it: Iterator[Batch], n: int) -> None:

@@ -33,12 +33,13 @@ SUMMARY_FIELDS = {
 }
 
 
-def launch(out: Path, *args: str) -> subprocess.Popen[str]:
+def launch(out: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "p2pml", "local", "--out", str(out), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -74,7 +75,10 @@ def node_pids(out: Path) -> dict[str, int]:
 @pytest.mark.timeout(120)
 def test_three_nodes_write_every_output_file_with_the_documented_fields(tmp_path):
     out = tmp_path / "run"
-    proc = launch(out, "--nodes", "3", "--steps", "12", "--slow", "0,0,0.02", *SMALL)
+    # This shell's P2PML_* settings are p2pml run's, not the launcher's: they must not reach
+    # the nodes (three nodes on one HTTP port, one model file for all).
+    leaks = {"P2PML_HTTP_LISTEN": "127.0.0.1:9", "P2PML_SAVE": str(tmp_path / "shared.p2pml")}
+    proc = launch(out, "--nodes", "3", "--steps", "12", "--slow", "0,0,0.02", *SMALL, env=leaks)
     output, _ = proc.communicate(timeout=110)
     assert proc.returncode == 0, output
 
@@ -106,6 +110,7 @@ def test_three_nodes_write_every_output_file_with_the_documented_fields(tmp_path
     for png in ("training.png", "steps.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "finished" in output and "summary.json" in output
+    assert not (tmp_path / "shared.p2pml").exists()
 
     # p2pml plot redraws it and overlays it with itself, with one verdict line per run.
     (out / "training.png").unlink()
@@ -169,7 +174,10 @@ def test_a_crashed_node_is_reported_and_the_run_goes_on(tmp_path):
 def test_the_centralised_mode_runs_a_server_and_workers(tmp_path):
     out = tmp_path / "run"
     proc = launch(
-        out, "--role", "server", "--nodes", "2", "--steps", "10", "--barrier", "bsp", *SMALL
+        out,
+        *("--role", "server", "--nodes", "2", "--steps", "10", "--barrier", "bsp"),
+        *("--time-budget", "300"),  # the workers' budget: the server stops with them
+        *SMALL,
     )
     output, _ = proc.communicate(timeout=110)
     assert proc.returncode == 0, output
@@ -180,9 +188,25 @@ def test_the_centralised_mode_runs_a_server_and_workers(tmp_path):
     assert lines(out / "server.jsonl")[-1]["version"] == 10
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_a_run_where_no_node_finished_fails(tmp_path):
+    out = tmp_path / "run"
+    proc = launch(out, "--nodes", "2", "--model", "resnet", *SMALL)
+    output, _ = proc.communicate(timeout=80)
+    assert proc.returncode == 1, output
+    assert "no node finished" in output and "--model" in output  # each crash's own line
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert {r["status"] for r in summary["nodes"]} == {"crashed"}
+
+
 @pytest.mark.parametrize(
     ("args", "named"),
     [
+        (["--", "--save", "model.p2pml"], "--save"),
+        (["--", "--checkpoint-dir", "ck"], "--checkpoint-dir"),
+        (["--staleness", "-1"], "--staleness"),
         (["--nodes", "0"], "--nodes"),
         (["--nodes", "3", "--slow", "1,2"], "--slow"),
         (["--slow", "-1"], "--slow"),
@@ -203,8 +227,11 @@ def test_bad_flags_end_with_one_line_naming_the_flag(tmp_path, capsys, args, nam
     assert not (tmp_path / "run" / "metadata.json").exists()
 
 
-def test_a_folder_that_is_not_a_run_is_never_overwritten(tmp_path, capsys):
+@pytest.mark.parametrize("metadata", [None, '{"project": "mine"}'])
+def test_a_folder_that_is_not_a_run_is_never_overwritten(tmp_path, capsys, metadata):
     (tmp_path / "notes.jsonl").write_text("mine\n")
+    if metadata is not None:  # somebody else's metadata.json is not a run's
+        (tmp_path / "metadata.json").write_text(metadata)
     assert main(["local", "--out", str(tmp_path), "--nodes", "2"]) == 2
     err = capsys.readouterr().err
     assert "--out" in err and len(err.strip().splitlines()) == 1
