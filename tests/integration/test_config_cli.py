@@ -132,7 +132,7 @@ def test_config_precedence_is_flag_then_env_then_file_then_default(
 def test_config_file_top_level_keys_apply_and_the_command_table_overrides_them(tmp_path, capsys):
     path = write(
         tmp_path,
-        'barrier = "bsp"\nsteps = 7\n[run]\nsteps = 9\n[local]\nnodes = 3\n',
+        'barrier = "bsp"\nsteps = 7\n[run]\nsteps = 9\n',
     )
     seen = resolved(capsys, "--config", str(path))
     assert seen["barrier"] == ("bsp", "file")
