@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -382,6 +383,8 @@ def local(
     for name in ("*.jsonl", "*.stderr.log", "*.png", "summary.json", "metadata.json"):
         for path in folder.glob(name):  # an earlier run's outputs: this run writes its own
             path.unlink()
+    # and its nodes' checkpoints, which a fresh node would refuse to write beside
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
 
     exe = [sys.executable, "-m", "p2pml"]
     children: list[Child] = []

@@ -189,6 +189,21 @@ def test_the_centralised_mode_runs_a_server_and_workers(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_each_node_checkpoints_into_its_own_folder_and_a_rerun_starts_afresh(tmp_path):
+    out = tmp_path / "run"
+    for _ in range(2):  # the second run replaces the first's outputs, checkpoints included
+        proc = launch(out, "--nodes", "2", "--steps", "10", *SMALL, "--checkpoint-every", "5")
+        output, _ = proc.communicate(timeout=70)
+        assert proc.returncode == 0, output
+        for name in ("node-0", "node-1"):
+            saved = sorted(p.name for p in (out / "checkpoints" / name).iterdir())
+            assert saved == ["node-000000000005.p2pml", "node-000000000010.p2pml"]
+        argv = json.loads((out / "metadata.json").read_text())["nodes"][1]["argv"]
+        assert str(out / "checkpoints" / "node-0") in argv
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_a_run_where_no_node_finished_fails(tmp_path):
     out = tmp_path / "run"
