@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
@@ -246,6 +247,13 @@ def _fmt(value: object, spec: str) -> str:
     return "-"
 
 
+def _flow(values: Mapping[str, object]) -> str:
+    """Deltas sent/received/rejected, for a table cell."""
+    return "/".join(
+        _fmt(values.get(k), "d") for k in ("deltas_sent", "deltas_received", "deltas_rejected")
+    )
+
+
 def _table(children: list[Child], steps: int, elapsed: float, title: str) -> Table:
     table = Table(title=f"{title} · {elapsed:.0f} s", title_justify="left")
     for column in ("node", "state", "step", "loss", "accuracy", "waited s", "N^", "sent/recv/rej"):
@@ -268,9 +276,7 @@ def _table(children: list[Child], steps: int, elapsed: float, title: str) -> Tab
             continue
         step = last.get("step")
         done = f"{step + 1}/{steps}" if isinstance(step, int) else f"-/{steps}"
-        flow = "/".join(
-            _fmt(last.get(k), "d") for k in ("deltas_sent", "deltas_received", "deltas_rejected")
-        )
+        flow = _flow(last)
         slow = f" (+{child.slow:g} s)" if child.slow else ""
         table.add_row(
             child.name + slow,
@@ -665,9 +671,7 @@ def _print_summary(console: Console, summary: dict[str, object], folder: Path) -
                 "-",
             )
             continue
-        flow = "/".join(
-            _fmt(row.get(k), "d") for k in ("deltas_sent", "deltas_received", "deltas_rejected")
-        )
+        flow = _flow(row)
         table.add_row(
             row["name"],
             row["status"],

@@ -7,22 +7,22 @@ from __future__ import annotations
 import statistics
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from p2pml.cli.args import bad_flag
 from p2pml.errors import ConfigError
 
+if TYPE_CHECKING:  # matplotlib loads only when the command runs
+    from p2pml.report.runs import RunData
+
 __all__ = ["plot", "verdict"]
 
 
-def verdict(run: object) -> str:
+def verdict(run: RunData) -> str:
     """One line on a run: steps each node completed and their final test accuracy."""
-    from p2pml.report.runs import RunData
-
-    assert isinstance(run, RunData)
-    steps = [int(s) + 1 for t in run.trainers if (s := t.last("step")) is not None]
+    steps = [s for t in run.trainers if (s := t.steps_done) is not None]
     accs = [a for t in run.trainers if (a := t.last("accuracy")) is not None]
     times = [t_s for t in run.trainers if (t_s := t.last("time_s")) is not None]
     parts = [f"{run.label}:"]

@@ -415,10 +415,15 @@ class EmbeddedNode:
         node = self._started()
         step = node.step
         await node.publish(step, blobs)
-        # Kept until a barrier passes: a copy, as the caller may reuse its buffers meanwhile.
-        kept = tuple(TensorBlob(b.name, b.array.copy()) for b in blobs)
-        self._unapplied.append((step, node.peer_id, kept))
-        wait = await node.barrier(timeout_s=timeout_s)
+        try:
+            wait = await node.barrier(timeout_s=timeout_s)
+        except BaseException:
+            # Kept for the next step: a copy, as the caller may reuse its buffers meanwhile
+            # (when the barrier passes, the caller's arrays are combined before it has them back).
+            kept = tuple(TensorBlob(b.name, b.array.copy()) for b in blobs)
+            self._unapplied.append((step, node.peer_id, kept))
+            raise
+        self._unapplied.append((step, node.peer_id, blobs))
         own, self._unapplied = self._unapplied, []
         received = [(m.step, m.sender, m.tensors) for m in node.take_deltas()]
         weight = node.weight()

@@ -90,8 +90,9 @@ class NodeTrace:
         )
 
     def series(self, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
-        """The (x, y) pairs of the records where both are numbers; for a peer or worker the
-        step axis counts completed steps (step + 1), for the server it is the model version."""
+        """The (x, y) pairs of the records where both are numbers. For a peer or worker a
+        ``step`` axis (x or y) counts completed steps (step + 1); a ``time_s`` axis is the run's
+        shared wall clock when the logs carry it."""
         xs: list[float] = []
         ys: list[float] = []
         wall = x == "time_s" and self.t0 is not None
@@ -100,9 +101,18 @@ class NodeTrace:
             if wall and a is not None and self.t0 is not None:
                 a -= self.t0
             if a is not None and b is not None:
-                xs.append(a + 1 if x == "step" and self.role != SERVER else a)
-                ys.append(b)
+                xs.append(self._completed(x, a))
+                ys.append(self._completed(y, b))
         return np.asarray(xs), np.asarray(ys)
+
+    def _completed(self, key: str, value: float) -> float:
+        return value + 1 if key == "step" and self.role != SERVER else value
+
+    @property
+    def steps_done(self) -> int | None:
+        """The steps this peer or worker completed (its last logged step + 1)."""
+        step = self.last("step")
+        return None if step is None else int(step) + 1
 
     def last(self, key: str) -> float | None:
         """The last numeric value of `key` in the log."""
@@ -206,7 +216,6 @@ def node_summary(trace: NodeTrace) -> dict[str, object]:
             "updates": len(trace.records),
             "time_s": trace.last("time_s"),
         }
-    steps = trace.last("step")
     waits = [w for r in trace.records if (w := _number(r.get("wait_s"))) is not None]
 
     def count(key: str) -> int:
@@ -215,7 +224,7 @@ def node_summary(trace: NodeTrace) -> dict[str, object]:
 
     return {
         "role": trace.role,
-        "steps": 0 if steps is None else int(steps) + 1,
+        "steps": trace.steps_done or 0,
         "final_loss": trace.last("loss"),
         "final_accuracy": trace.last("accuracy"),
         "wait_s": round(sum(waits), 4),
@@ -240,7 +249,7 @@ def steps_reached(trainers: Sequence[NodeTrace]) -> tuple[float, list[int]]:
     reached = []
     for xs, ys in curves:
         done = ys[xs <= at + 1e-9]
-        reached.append(int(done.max()) + 1 if len(done) else 0)
+        reached.append(int(done.max()) if len(done) else 0)
     return at, reached
 
 
@@ -295,7 +304,7 @@ def plot_run(run: RunData, folder: Path) -> list[Path]:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
     for trace, color in zip(trainers, colors, strict=True):
         xs, ys = trace.series("time_s", "step")
-        left.plot(xs, ys + 1 if len(ys) else ys, color=color, lw=1.2, label=run.name_of(trace))
+        left.plot(xs, ys, color=color, lw=1.2, label=run.name_of(trace))
     left.set_xlabel("seconds since the first step")
     left.set_ylabel("steps completed")
     left.grid(alpha=0.3)
@@ -352,8 +361,6 @@ def plot_compare(runs: Sequence[RunData], folder: Path) -> Path:
         trainers = run.trainers
         for ax, y in ((axes[0][0], "loss"), (axes[0][1], "accuracy"), (axes[1][0], "step")):
             xs, ys = _mean_curve(trainers, "time_s", y)
-            if y == "step":
-                ys = ys + 1
             ax.plot(xs, ys, color=color, lw=1.6, label=run.label)
             if y == "accuracy" and run.server is not None:
                 sx, sy = run.server.series("time_s", "accuracy")

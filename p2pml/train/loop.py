@@ -178,6 +178,9 @@ class Trainer:
         self.eval_data = eval_data
         self.eval_every, self.slow_s, self.num_threads = eval_every, slow_s, num_threads
         self._params = trainable(model)
+        # A driver with metrics (Node, Worker) takes each step's loss and accuracy.
+        self._record_loss = getattr(node, "record_loss", None)
+        self._record_accuracy = getattr(node, "record_accuracy", None)
         self._executor: ThreadPoolExecutor | None = None
         self.last_loss: float | None = None
         self._weight = 1.0
@@ -382,11 +385,10 @@ class Trainer:
 
     def _emit(self, on_step: Callable[[StepLog], None] | None, entry: StepLog) -> None:
         """Hand a step's line to the node's metrics (when it keeps any) and to the caller."""
-        if (record_loss := getattr(self.node, "record_loss", None)) is not None:
-            record_loss(entry.step, entry.loss)
-        record_accuracy = getattr(self.node, "record_accuracy", None)
-        if entry.accuracy is not None and record_accuracy is not None:
-            record_accuracy(entry.step, entry.accuracy)
+        if self._record_loss is not None:
+            self._record_loss(entry.step, entry.loss)
+        if entry.accuracy is not None and self._record_accuracy is not None:
+            self._record_accuracy(entry.step, entry.accuracy)
         if on_step is not None:
             on_step(entry)
 
