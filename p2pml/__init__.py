@@ -1,9 +1,9 @@
 """p2pml: decentralised data-parallel training with probabilistic synchronous barriers.
 
 Importing this package is cheap: it loads the pure core only (no torch, aiohttp or kademlia).
-`EmbeddedNode` and `numpy_manifest` are imported on first use (the first brings in the node,
-aiohttp and kademlia); they are not in `__all__`, so ``from p2pml import *`` stays cheap and the
-names bound here stay exactly `__all__`.
+`EmbeddedNode`, `numpy_manifest` and `Admission` are imported on first use (the first brings in
+the node, aiohttp and kademlia); they are not in `__all__`, so ``from p2pml import *`` stays cheap
+and the names bound here stay exactly `__all__`.
 """
 
 from __future__ import annotations
@@ -42,10 +42,12 @@ from p2pml.errors import (
 if typing.TYPE_CHECKING:
     from p2pml.node.arrays import numpy_manifest as numpy_manifest
     from p2pml.node.embed import EmbeddedNode as EmbeddedNode
+    from p2pml.protocol.auth import Admission as Admission
 
 __version__ = "0.1.0"
 
 _LAZY: typing.Final = {
+    "Admission": "p2pml.protocol.auth",
     "EmbeddedNode": "p2pml.node.embed",
     "numpy_manifest": "p2pml.node.arrays",
 }

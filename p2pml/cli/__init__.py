@@ -16,6 +16,7 @@ from p2pml.cli.args import UsageError
 from p2pml.cli.bench import bench_app
 from p2pml.cli.bounds import bounds
 from p2pml.cli.config import ConfigCommand, describe_origin
+from p2pml.cli.keys import keys_app
 from p2pml.cli.local import local
 from p2pml.cli.overlay import peers, seed
 from p2pml.cli.plot import plot
@@ -41,6 +42,7 @@ app.command(cls=ConfigCommand)(run)
 app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(local)
 app.command()(plot)
 app.add_typer(bench_app, name="bench")
+app.add_typer(keys_app, name="keys")
 
 
 def _version(value: bool) -> None:

@@ -1,10 +1,11 @@
 """Measure a delta push between two processes on loopback against the machine's plain-socket limit.
 
-The receiver process serves both the p2pml data plane and a baseline: an asyncio `BufferedProtocol`
-that takes a length-prefixed payload straight into one preallocated buffer and answers one byte.
-The sending process pushes the same bytes both ways in interleaved pairs, so machine noise hits
-both. A command pipe lets the sender reset and read the receiver's peak memory around the first
-push, which has to allocate its receive buffer (later pushes reuse it).
+The receiver process serves the p2pml data plane twice, with sealed frames (every node's: signed,
+hashed while streaming, see `p2pml.protocol.auth`) and unsealed, and a baseline: an asyncio
+`BufferedProtocol` that takes a length-prefixed payload straight into one preallocated buffer and
+answers one byte. The sending process pushes the same bytes the three ways in interleaved rounds,
+so machine noise hits all three. A command pipe lets the sender reset and read the receiver's peak
+memory around the first push, which has to allocate its receive buffer (later pushes reuse it).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import numpy as np
 from p2pml.core.config import DataPlaneConfig
 from p2pml.core.types import Address, PeerId
 from p2pml.io.http import DataPlaneClient, DataPlaneServer, InfoValue
+from p2pml.protocol.auth import Authenticator
+from p2pml.protocol.identity import NodeKey
 from p2pml.protocol.messages import (
     Ack,
     DeltaPush,
@@ -51,11 +54,14 @@ def _status_kib(field: str) -> int:
 class _Sink:
     """The receiver's data-plane handler: acknowledge and drop."""
 
+    def __init__(self, peer_id: PeerId) -> None:
+        self.peer_id = peer_id
+
     async def on_delta(self, msg: DeltaPush) -> Ack:
-        return Ack(msg.run_id, _RECEIVER, msg.step)
+        return Ack(msg.run_id, self.peer_id, msg.step)
 
     async def on_model_request(self, msg: ModelRequest) -> ModelReply | ModelUnchanged:
-        return ModelUnchanged(msg.run_id, _RECEIVER, 0)
+        return ModelUnchanged(msg.run_id, self.peer_id, 0)
 
     def info(self) -> dict[str, InfoValue]:
         return {"role": "bench-receiver"}
@@ -107,8 +113,14 @@ async def _receive(conn: Connection, capacity_bytes: int) -> None:
     loop = asyncio.get_running_loop()
     config = DataPlaneConfig(max_message_bytes=capacity_bytes + (1 << 20))
     baseline = await loop.create_server(lambda: _BufferedSink(capacity_bytes), "127.0.0.1", 0)
-    async with DataPlaneServer(config, _Sink()) as server, baseline:
-        conn.send((server.addr.port, baseline.sockets[0].getsockname()[1]))
+    key = NodeKey.generate()
+    async with (
+        DataPlaneServer(config, _Sink(_RECEIVER)) as server,
+        DataPlaneServer(config, _Sink(key.peer_id), auth=Authenticator(key)) as sealed,
+        baseline,
+    ):
+        ports = (server.addr.port, sealed.addr.port, baseline.sockets[0].getsockname()[1])
+        conn.send(ports)
         await asyncio.to_thread(_serve_commands, conn)
 
 
@@ -127,10 +139,12 @@ def _ask(conn: Connection, command: str | None, timeout_s: float) -> object:
 
 @dataclass(frozen=True, slots=True)
 class PushPair:
-    """One interleaved pair: seconds for the p2pml push and for the baseline, same bytes."""
+    """One interleaved round: seconds for the unsealed p2pml push, the baseline and the sealed
+    push, same bytes."""
 
     push_s: float
     baseline_s: float
+    sealed_s: float
 
 
 async def _baseline_push(sock: socket.socket, payload: memoryview) -> float:
@@ -163,15 +177,21 @@ async def measure_pushes(size_bytes: int, n_pairs: int) -> tuple[list[PushPair],
     try:
         ports = await asyncio.to_thread(_ask, parent, None, 60.0)
         assert isinstance(ports, tuple)
-        push_port, base_port = ports
+        push_port, sealed_port, base_port = ports
         array = np.ones(size_bytes // 4, dtype=np.float32)
         addr = Address("127.0.0.1", push_port)
         config = DataPlaneConfig(max_message_bytes=size_bytes + (1 << 20))
+        key = NodeKey.generate()
         with socket.create_connection(("127.0.0.1", base_port)) as sock:
             sock.setblocking(False)
-            async with DataPlaneClient(config) as client:
+            async with (
+                DataPlaneClient(config) as client,
+                DataPlaneClient(config, auth=Authenticator(key)) as sealing,
+            ):
                 peak = await _peak_growth(parent, client, addr, array)
-                pairs = await _pairs(client, addr, sock, array, n_pairs)
+                sealed = _Link(sealing, Address("127.0.0.1", sealed_port), key.peer_id)
+                await _push(sealing, sealed.addr, _delta(array, 0, sealed.sender))  # warm up
+                pairs = await _pairs(_Link(client, addr, _SENDER), sealed, sock, array, n_pairs)
         return pairs, peak
     finally:
         with contextlib.suppress(OSError, BrokenPipeError):
@@ -181,24 +201,33 @@ async def measure_pushes(size_bytes: int, n_pairs: int) -> tuple[list[PushPair],
             receiver.kill()
 
 
-def _delta(array: np.ndarray, step: int) -> DeltaPush:
-    return DeltaPush("bench", _SENDER, step, 0, (TensorBlob.of("delta", array),))
+def _delta(array: np.ndarray, step: int, sender: PeerId = _SENDER) -> DeltaPush:
+    return DeltaPush("bench", sender, step, 0, (TensorBlob.of("delta", array),))
+
+
+@dataclass(frozen=True, slots=True)
+class _Link:
+    client: DataPlaneClient
+    addr: Address
+    sender: PeerId
 
 
 async def _pairs(
-    client: DataPlaneClient, addr: Address, sock: socket.socket, array: np.ndarray, n_pairs: int
+    plain: _Link, sealed: _Link, sock: socket.socket, array: np.ndarray, n_pairs: int
 ) -> list[PushPair]:
     payload = array.data.cast("B")  # the same bytes the push carries, without the p2pml header
     await _baseline_push(sock, payload)  # warm up (the p2pml side was warmed by _peak_growth)
     pairs = []
     for i in range(n_pairs):
-        if i % 2:
-            base_s = await _baseline_push(sock, payload)
-            push_s = await _push(client, addr, _delta(array, i + 1))
-        else:
-            push_s = await _push(client, addr, _delta(array, i + 1))
-            base_s = await _baseline_push(sock, payload)
-        pairs.append(PushPair(push_s, base_s))
+        times: dict[str, float] = {}
+        order = ("push", "baseline", "sealed")
+        for name in order[i % 3 :] + order[: i % 3]:  # rotate who goes first
+            if name == "baseline":
+                times[name] = await _baseline_push(sock, payload)
+            else:
+                link = plain if name == "push" else sealed
+                times[name] = await _push(link.client, link.addr, _delta(array, i + 1, link.sender))
+        pairs.append(PushPair(times["push"], times["baseline"], times["sealed"]))
     return pairs
 
 

@@ -49,6 +49,7 @@ from p2pml.node.arrays import (
     numpy_manifest,
 )
 from p2pml.node.node import Node
+from p2pml.protocol.auth import Admission
 from p2pml.protocol.identity import NodeKey
 from p2pml.protocol.messages import ModelReply, TensorBlob
 
@@ -96,7 +97,7 @@ class EmbeddedNode:
     Exceptions raised on the loop thread re-raise in the calling thread with their own type.
 
     Args:
-        config, manifest, key, rng: as for `Node`.
+        config, manifest, key, rng, admission: as for `Node`.
         model: the initial parameters; when given, the node keeps a copy, changed by every
             step's result, to serve peers that join the run later and, beyond
             `full_delivery_max` nodes, to average with a random peer's model (gossip; the
@@ -111,10 +112,12 @@ class EmbeddedNode:
         model: Update | None = None,
         key: NodeKey | None = None,
         rng: random.Random | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.config = config.validate()
         self.manifest = manifest
         self.key = key or NodeKey.generate()
+        self.admission = admission
         self.waited_s = 0.0
         self._rng = rng
         self._held = (
@@ -386,7 +389,9 @@ class EmbeddedNode:
             self._loop, self._main = asyncio.get_running_loop(), asyncio.current_task()
             self._closing, self._open = closing, True
         try:
-            node = Node(self.config, self.manifest, key=self.key, rng=self._rng)
+            node = Node(
+                self.config, self.manifest, key=self.key, rng=self._rng, admission=self.admission
+            )
             if self._held is not None:
                 node.attach(self._held)
             async with node:
