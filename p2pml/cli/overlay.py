@@ -22,10 +22,13 @@ from p2pml.cli.args import bad_flag, check_writable
 from p2pml.cli.output import console, write_json
 from p2pml.core.config import DEFAULT_RPC_TIMEOUT_S, OverlayConfig
 from p2pml.core.types import Address
-from p2pml.errors import ConfigError, OverlayError, PeerTimeout, WireFormatError
+from p2pml.errors import ConfigError, OverlayError, PeerTimeout, ProtocolError
 from p2pml.log import setup_logging
+from p2pml.protocol.auth import Admission
 
 __all__ = ["parse_bootstrap", "peers", "seed"]
+
+DEFAULT_MAX_CONTACTS_PER_IP = OverlayConfig().max_contacts_per_ip
 
 BootstrapOption = Annotated[
     str | None,
@@ -33,6 +36,30 @@ BootstrapOption = Annotated[
         "--bootstrap",
         envvar="P2PML_BOOTSTRAP",
         help="Seed nodes: host:port[,host:port...] or a seeds .toml file (env P2PML_BOOTSTRAP).",
+    ),
+]
+RunKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--run-key",
+        envvar="P2PML_RUN_KEY",
+        help="Close the run: the shared secret (>= 16 bytes), or @FILE holding it.",
+    ),
+]
+AllowKeysOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--allow-keys",
+        envvar="P2PML_ALLOW_KEYS",
+        help="Close the run: a file of allowed public keys (hex, one per line).",
+    ),
+]
+MaxPerIpOption = Annotated[
+    int,
+    typer.Option(
+        "--max-contacts-per-ip",
+        envvar="P2PML_MAX_CONTACTS_PER_IP",
+        help="Contacts from one IP address in the routing table (this host's own IP exempt).",
     ),
 ]
 
@@ -78,15 +105,29 @@ def parse_bootstrap(text: str | None, flag: str = "--bootstrap") -> list[Address
     return [_address(item, flag) for item in items]
 
 
-def _config(listen: str, advertise: str | None, rpc_timeout: float) -> OverlayConfig:
+def _config(
+    listen: str,
+    advertise: str | None,
+    rpc_timeout: float,
+    max_contacts_per_ip: int = DEFAULT_MAX_CONTACTS_PER_IP,
+) -> OverlayConfig:
+    flags = {"rpc_timeout_s": "--rpc-timeout", "max_contacts_per_ip": "--max-contacts-per-ip"}
     try:
         return OverlayConfig(
             listen=parse_listen(listen),
             advertise=_address(advertise, "--advertise") if advertise else None,
             rpc_timeout_s=rpc_timeout,
+            max_contacts_per_ip=max_contacts_per_ip,
         ).validate()
     except ConfigError as err:
-        raise bad_flag("--rpc-timeout", rpc_timeout, err.allowed) from None
+        raise bad_flag(flags.get(err.field, err.field), err.value, err.allowed) from None
+
+
+def _admission(run_key: str | None, allow_keys: Path | None) -> Admission:
+    try:
+        return Admission.load(run_key=run_key, allow_keys=allow_keys)
+    except ConfigError as err:
+        raise bad_flag(err.field, err.value, err.allowed) from None
 
 
 def seed(
@@ -107,12 +148,20 @@ def seed(
     rpc_timeout: Annotated[
         float, typer.Option("--rpc-timeout", help="RPC timeout, s.")
     ] = DEFAULT_RPC_TIMEOUT_S,
+    run_key: RunKeyOption = None,
+    allow_keys: AllowKeysOption = None,
+    max_contacts_per_ip: MaxPerIpOption = DEFAULT_MAX_CONTACTS_PER_IP,
 ) -> None:
-    """Run a long-lived seed node: DHT only, no training. Stop with Ctrl-C or SIGTERM."""
+    """Run a long-lived seed node: DHT only, no training. Stop with Ctrl-C or SIGTERM.
+
+    A seed of a closed run takes the run's --run-key and/or --allow-keys (with an allowlist, the
+    seed's own key must be on it, or the run's nodes will not admit it).
+    """
     from p2pml.node.seed import run_seed  # the DHT stack loads only for the commands using it
     from p2pml.protocol.identity import NodeKey
 
-    config = _config(listen, advertise, rpc_timeout)
+    config = _config(listen, advertise, rpc_timeout, max_contacts_per_ip)
+    admission = _admission(run_key, allow_keys)
     seeds = parse_bootstrap(bootstrap)
     check_writable(contacts, "--contacts")
     node_key = NodeKey.load_or_create(key)
@@ -128,7 +177,13 @@ def seed(
             lambda f: print(f"seed {node_key.peer_id.hex()} contact {f.result()}", flush=True)
         )
         await run_seed(
-            config, node_key, bootstrap=seeds, contacts_path=contacts, stop=stop, on_ready=ready
+            config,
+            node_key,
+            bootstrap=seeds,
+            contacts_path=contacts,
+            stop=stop,
+            on_ready=ready,
+            admission=admission,
         )
 
     try:
@@ -139,12 +194,14 @@ def seed(
         raise bad_flag("--listen", listen, err.allowed) from None
 
 
-async def _look(config: OverlayConfig, seeds: list[Address], n_sample: int) -> dict[str, object]:
+async def _look(
+    config: OverlayConfig, seeds: list[Address], n_sample: int, admission: Admission
+) -> dict[str, object]:
     from p2pml.io.overlay import KademliaOverlay
     from p2pml.protocol.identity import NodeKey
 
     config = dataclasses.replace(config, refresh_after_join=False)  # it refreshes by itself below
-    async with KademliaOverlay(config, NodeKey.generate()) as overlay:
+    async with KademliaOverlay(config, NodeKey.generate(), admission=admission) as overlay:
         await overlay.bootstrap(seeds)
         estimate = await overlay.membership.estimate_now()
         assert estimate is not None, "estimate_now sets an estimate"
@@ -155,7 +212,7 @@ async def _look(config: OverlayConfig, seeds: list[Address], n_sample: int) -> d
             started = time.perf_counter()
             try:
                 record = await overlay.info(contact)
-            except (PeerTimeout, WireFormatError) as err:
+            except (PeerTimeout, ProtocolError) as err:
                 rows.append(
                     {"id": contact.peer_id.hex(), "addr": str(contact.addr), "error": str(err)}
                 )
@@ -192,18 +249,25 @@ def peers(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the result as JSON.")
     ] = None,
+    run_key: RunKeyOption = None,
+    allow_keys: AllowKeysOption = None,
+    max_contacts_per_ip: MaxPerIpOption = DEFAULT_MAX_CONTACTS_PER_IP,
 ) -> None:
-    """Join the DHT briefly and print what a node sees: contacts, N^, a sample, round trips."""
+    """Join the DHT briefly and print what a node sees: contacts, N^, a sample, round trips.
+
+    With a closed run's --run-key/--allow-keys it counts and samples only the run's members.
+    """
     seeds = parse_bootstrap(bootstrap)
     if not seeds:
         raise bad_flag("--bootstrap", bootstrap, "at least one seed host:port (or P2PML_BOOTSTRAP)")
     if not 1 <= sample <= 1000:
         raise bad_flag("--sample", sample, "a whole number in 1-1000")
-    config = _config(listen, None, rpc_timeout)
+    config = _config(listen, None, rpc_timeout, max_contacts_per_ip)
+    admission = _admission(run_key, allow_keys)
     check_writable(json_path, "--json")
     setup_logging(logging.WARNING)
     try:
-        result = asyncio.run(_look(config, seeds, sample))
+        result = asyncio.run(_look(config, seeds, sample, admission))
     except ConfigError as err:
         if err.field != "listen":
             raise

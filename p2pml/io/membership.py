@@ -23,8 +23,8 @@ from p2pml.core.estimate import ID_SPACE, PopulationEstimate, estimate_from_look
 from p2pml.core.sampling import sample_peers
 from p2pml.core.types import PeerId
 from p2pml.core.zones import PeerPool, choose_zone, draw_from_zone, zone_bits
-from p2pml.errors import OverlayError, PeerTimeout, WireFormatError
-from p2pml.protocol.dht import Contact, NodeRecord
+from p2pml.errors import OverlayError, PeerTimeout, ProtocolError
+from p2pml.protocol.dht import Contact, NodeRecord, limit_per_ip
 
 if TYPE_CHECKING:
     from p2pml.io.overlay import KademliaOverlay, LookupResult
@@ -114,16 +114,23 @@ class Membership:
         # overflowing zone): no draws this round then; fill_pool draws with the new estimate.
         previous = self._estimate
         bits = self._bits() if previous is not None and not previous.is_exact else None
-        before = {c.peer_id for c in overlay.contacts()}  # lookups add the nodes they meet
+        table = overlay.contacts()  # lookups add the nodes they meet: take it before
+        before = {c.peer_id for c in table}
         targets = [choose_zone(overlay.rng) for _ in range(self._config.estimate_lookups)]
         results = await _bounded(
             [partial(overlay.lookup, t.to_bytes(20, "big")) for t in targets], LOOKUP_CONCURRENCY
         )
-        seen = {c.peer_id for r in results for c in r.contacts}
+        # One IP address counts as at most max_contacts_per_ip nodes here too (the table's own
+        # first): a Sybil flood from one address moves the count by that much at most.
+        met = [c for r in results for c in r.contacts if c.peer_id != overlay.peer_id]
+        known = limit_per_ip(
+            table + met, self._config.max_contacts_per_ip, exempt_host=self._config.listen.host
+        )
+        seen = {c.peer_id for c in known}
         self._estimate = estimate_from_lookups(
             [kth_distance(r, overlay.peer_id, k) for r in results],
             k=k,
-            n_known=len((seen | before) - {overlay.peer_id}) + 1,
+            n_known=len(seen - {overlay.peer_id}) + 1,
             complete=[r.complete for r in results],
             met_unknown=not seen <= before,
             table_complete=overlay.table_is_complete(),
@@ -172,7 +179,7 @@ class Membership:
     async def _confirm(self, contact: Contact) -> bool:
         try:
             record = await self._overlay.info(contact)
-        except (PeerTimeout, WireFormatError):
+        except (PeerTimeout, ProtocolError):  # silent, forged, not admitted, clock off
             return False
         self._contacts[contact.peer_id] = contact
         self.records[contact.peer_id] = record

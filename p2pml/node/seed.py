@@ -15,6 +15,7 @@ from p2pml.core.config import OverlayConfig
 from p2pml.core.types import Address
 from p2pml.errors import OverlayError
 from p2pml.io.overlay import KademliaOverlay, load_contacts, write_contacts
+from p2pml.protocol.auth import Admission
 from p2pml.protocol.identity import NodeKey
 
 __all__ = ["run_seed"]
@@ -40,6 +41,7 @@ async def run_seed(
     contacts_path: Path | None,
     stop: asyncio.Event,
     on_ready: asyncio.Future[str] | None = None,
+    admission: Admission | None = None,
 ) -> None:
     """Serve as a seed until `stop` is set.
 
@@ -48,9 +50,13 @@ async def run_seed(
             of a network has nobody to join).
         contacts_path: where to save contacts every refresh, and read them back at start.
         on_ready: set to the contact string once listening.
+        admission: who may take part in the run (default open): a closed run's seed holds and
+            serves only admitted contacts.
     """
-    async with KademliaOverlay(config, key, role="seed") as overlay:
+    admission = admission if admission is not None else Admission()
+    async with KademliaOverlay(config, key, role="seed", admission=admission) as overlay:
         log.info("seed %s listening; contact string: %s", overlay.short_id, overlay.contact_string)
+        log.info("seed %s admits: %s", overlay.short_id, admission.describe())
         if on_ready is not None:
             on_ready.set_result(overlay.contact_string)
         known = list(bootstrap)

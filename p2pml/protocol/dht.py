@@ -4,10 +4,13 @@ The framing is rpcudp's (a kind byte, a 20-byte message id, a msgpack body), so 
 package's protocol classes stay underneath; everything a peer sends is checked here before any
 handler or routing table sees it. Bad input raises `WireFormatError` naming the field.
 
-Signed replies (`ping`, `info`, `step`) carry ``[payload, public key, signature]``; the signature
-covers a domain tag, the RPC name, the requester's random message id (so a reply cannot be replayed
-to another request) and the payload bytes. A reply proves that whoever answers at that address holds
-the key whose hash is the node ID, so only such contacts enter a routing table.
+Signed replies (`ping`, `info`, `step`) carry ``[payload, public key, signature, proof]``; the
+signature covers a domain tag, the RPC name, the requester's random message id (so a reply cannot be
+replayed to another request) and the payload bytes. A reply proves that whoever answers at that
+address holds the key whose hash is the node ID, so only such contacts enter a routing table. The
+proof is the run-key HMAC over the same bytes (`Admission.proof`; zeros in runs without a key, so
+every run has one format): in a closed run a reply whose key is not admitted is refused
+(``not_admitted``), so a node outside the run's keys never enters a table, a sample or N^.
 
 Must not import asyncio, sockets, threads, time, module-level random or torch.
 """
@@ -22,8 +25,10 @@ from typing import Final
 
 import msgpack
 
+from p2pml.core.config import MAX_DATAGRAM_BYTES as DHT_DATAGRAM_BYTES
 from p2pml.core.types import PEER_ID_BYTES, Address, PeerId, Step
-from p2pml.errors import WireFormatError
+from p2pml.errors import Refused, WireFormatError
+from p2pml.protocol.auth import MAC_BYTES, Admission
 from p2pml.protocol.identity import (
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
@@ -44,6 +49,7 @@ __all__ = [
     "Kind",
     "NodeRecord",
     "StepReport",
+    "check_record_time",
     "decode_contacts",
     "decode_datagram",
     "decode_record",
@@ -54,11 +60,13 @@ __all__ = [
     "encode_reply",
     "encode_request",
     "encode_step",
+    "ip_group",
+    "limit_per_ip",
     "open_signed",
     "seal_signed",
 ]
 
-MAX_DATAGRAM_BYTES: Final = 8192
+MAX_DATAGRAM_BYTES: Final = DHT_DATAGRAM_BYTES
 MSG_ID_BYTES: Final = 20
 MAX_VALUE_BYTES: Final = 1024
 MAX_CONTACTS: Final = 64
@@ -67,6 +75,7 @@ _DOMAIN: Final = b"p2pml-dht-v1\x00"
 _MAX_HOST_CHARS: Final = 64
 MAX_RUN_TAG_CHARS: Final = 160
 _RECORD_FIELDS: Final = ("key", "role", "http", "step", "ts", "run", "done")
+_OPEN: Final = Admission()
 
 # RPC name -> how many arguments after the sender's id, and their types.
 _ARGS: Final[dict[str, tuple[type, ...]]] = {
@@ -216,6 +225,45 @@ def _address(host: object, port: object, field: str) -> Address:
     return Address(host, port)
 
 
+@functools.lru_cache(maxsize=8192)
+def ip_group(host: str) -> str:
+    """What the per-IP contact cap counts as one host: an IPv4 address, or an IPv6 /64.
+
+    One IPv6 host easily holds a whole /64, so its addresses count together; an IPv4-mapped
+    IPv6 address counts as its IPv4 address.
+    """
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return host
+
+
+def limit_per_ip(contacts: list[Contact], cap: int, *, exempt_host: str) -> list[Contact]:
+    """`contacts` in order, keeping one ID per address and at most `cap` per `ip_group`.
+
+    Contacts at `exempt_host` (the node's own IP: processes of its own machine) are not capped.
+    """
+    seen: dict[str, int] = {}
+    addrs: set[Address] = set()
+    out = []
+    for c in contacts:
+        if c.addr in addrs:
+            continue
+        if c.addr.host != exempt_host:
+            group = ip_group(c.addr.host)
+            if seen.get(group, 0) >= cap:
+                continue
+            seen[group] = seen.get(group, 0) + 1
+        addrs.add(c.addr)
+        out.append(c)
+    return out
+
+
 def encode_contacts(contacts: list[Contact]) -> list[list[object]]:
     return [[c.peer_id, c.addr.host, c.addr.port] for c in contacts]
 
@@ -252,41 +300,78 @@ def _to_sign(name: str, msg_id: bytes, payload: bytes) -> bytes:
     return _DOMAIN + name.encode() + b"\x00" + msg_id + payload
 
 
-def seal_signed(key: NodeKey, name: str, msg_id: bytes, payload: object) -> list[object]:
-    """The body of a signed reply to request `msg_id`: ``[payload, public key, signature]``."""
+def seal_signed(
+    key: NodeKey, name: str, msg_id: bytes, payload: object, admission: Admission = _OPEN
+) -> list[object]:
+    """The body of a signed reply to request `msg_id`: ``[payload, public key, signature, proof]``.
+
+    The proof is `admission`'s run-key HMAC over the signed bytes (zeros without a run key).
+    """
     packed = _pack(payload)
-    return [packed, key.public_key, key.sign(_to_sign(name, msg_id, packed))]
+    signed = _to_sign(name, msg_id, packed)
+    proof = admission.proof(key.public_key, signed)
+    return [packed, key.public_key, key.sign(signed), proof]
 
 
 def open_signed(
-    body: object, name: str, msg_id: bytes, expected: PeerId | None
+    body: object,
+    name: str,
+    msg_id: bytes,
+    expected: PeerId | None,
+    admission: Admission = _OPEN,
 ) -> tuple[PeerId, object]:
     """Verify a signed reply; returns (the signer's node ID, the decoded payload).
 
     Args:
         expected: the node ID the requester believes it asked, or None when it asked an address
             whose ID it does not know yet (a bootstrap ping).
+        admission: who may take part in the run; an open one admits every key.
 
     Raises:
         WireFormatError: naming what failed: the shape, the key, the ID binding or the signature.
+        Refused: code ``not_admitted``, for a valid reply whose key the run does not admit.
     """
-    if not isinstance(body, list) or len(body) != 3:
-        raise WireFormatError(f"{name} reply: expected [payload, public key, signature]")
-    packed, public_key, signature = body
+    if not isinstance(body, list) or len(body) != 4:
+        raise WireFormatError(f"{name} reply: expected [payload, public key, signature, proof]")
+    packed, public_key, signature, proof = body
     if not isinstance(packed, bytes) or not isinstance(public_key, bytes):
         raise WireFormatError(f"{name} reply: payload and key must be bytes")
     if len(public_key) != PUBLIC_KEY_BYTES or not isinstance(signature, bytes):
         raise WireFormatError(f"{name} reply: bad public key or signature type")
     if len(signature) != SIGNATURE_BYTES:
         raise WireFormatError(f"{name} reply: signature must be {SIGNATURE_BYTES} bytes")
+    if not isinstance(proof, bytes) or len(proof) != MAC_BYTES:
+        raise WireFormatError(f"{name} reply: the run-key proof must be {MAC_BYTES} bytes")
     signer = peer_id_of(public_key)
     if expected is not None and signer != expected:
         raise WireFormatError(
             f"{name} reply: key hashes to {signer.hex()[:16]}, not the ID asked "
             f"{expected.hex()[:16]} (forged or stale ID)"
         )
-    verify_signature(signer, public_key, _to_sign(name, msg_id, packed), signature)
+    signed = _to_sign(name, msg_id, packed)
+    verify_signature(signer, public_key, signed, signature)
+    if not admission.is_admitted(public_key, signed, proof):
+        raise Refused(
+            "not_admitted",
+            f"{name} reply: key {public_key.hex()[:16]} is not admitted to this run "
+            f"({admission.describe()})",
+        )
     return signer, _unpack(packed, f"{name} payload")
+
+
+def check_record_time(record: NodeRecord, *, now_unix_s: float, max_skew_s: float) -> None:
+    """Refuse (``clock_skew``) a record signed more than `max_skew_s` from `now_unix_s`.
+
+    Replies are fresh by their challenge already; this bounds how wrong a peer's clock (and so
+    the timestamps on its deltas) may be before it is told so.
+    """
+    offset_s = record.timestamp_s - now_unix_s
+    if abs(offset_s) > max_skew_s:
+        raise Refused(
+            "clock_skew",
+            f"info record of {record.peer_id.hex()[:8]} stamped {offset_s:+.1f} s from this "
+            f"node's clock; at most {max_skew_s:.0f} s is allowed",
+        )
 
 
 def encode_record(record: NodeRecord) -> dict[str, object]:

@@ -271,10 +271,10 @@ async def test_record_with_a_bad_signature_is_rejected_and_counted():
     async with swarm(1) as (node,), raw_socket() as (fake, fake_addr):
 
         def answer(msg_id: bytes, body: object) -> object:
-            packed, public_key, signature = dht.seal_signed(key, body[0], msg_id, b"")
+            packed, public_key, signature, proof = dht.seal_signed(key, body[0], msg_id, b"")
             if body[0] == "info":
                 signature = bytes(64)
-            return [packed, public_key, signature]
+            return [packed, public_key, signature, proof]
 
         fake.answer = answer
         contact = await node.ping(fake_addr)

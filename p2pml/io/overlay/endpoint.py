@@ -1,4 +1,12 @@
-"""`DhtEndpoint`: one node's DHT socket, routing table, identity checks of contacts and counters."""
+"""`DhtEndpoint`: one node's DHT socket, routing table, identity checks of contacts and counters.
+
+A contact enters the routing table only after it answered a signed ``ping`` from its own address
+with the key whose hash is its ID and, in a closed run, a key the run admits (allowlist and/or
+run-key proof; refused ones are counted ``not_admitted`` and not asked again for a while). The
+table then applies its per-address caps (`kad.HardenedTable`). Incoming datagrams pass per-source
+and total rate limits (`core/limits.py`) before any decoding; excess is counted ``rate_limited``.
+Every refusal is counted, and warned about at most once per host per interval.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +19,9 @@ from collections.abc import KeysView
 from typing import Final
 
 from p2pml.core.config import OverlayConfig
+from p2pml.core.limits import RateLimiter
 from p2pml.core.types import Address, PeerId, Step
-from p2pml.errors import ConfigError, WireFormatError
+from p2pml.errors import ConfigError, Refused, WireFormatError
 from p2pml.io.overlay.kad import (
     TIMEOUT,
     BoundedStore,
@@ -24,6 +33,7 @@ from p2pml.io.overlay.kad import (
     to_knode,
 )
 from p2pml.protocol import dht
+from p2pml.protocol.auth import Admission
 from p2pml.protocol.dht import Contact, NodeRecord
 from p2pml.protocol.identity import NodeKey
 
@@ -35,6 +45,11 @@ WARN_INTERVAL_S: Final = 10.0
 RECEIVE_BUFFER_BYTES: Final = 1 << 20
 MAX_VERIFIED: Final = 1024
 MAX_SILENT: Final = 1024
+VERIFY_ATTEMPTS: Final = 2
+"""Pings sent to check a contact's identity before it counts as silent."""
+MAX_STRANGERS: Final = 1024
+MAX_WARNED_HOSTS: Final = 4096
+STRANGER_TTL_S: Final = 60.0  # a contact refused admission is not asked again for this long
 
 
 class DhtEndpoint:
@@ -43,9 +58,17 @@ class DhtEndpoint:
     `KademliaOverlay` drives it; tests may use it directly.
     """
 
-    def __init__(self, config: OverlayConfig, key: NodeKey, *, role: str = "peer") -> None:
+    def __init__(
+        self,
+        config: OverlayConfig,
+        key: NodeKey,
+        *,
+        role: str = "peer",
+        admission: Admission | None = None,
+    ) -> None:
         self.config = config.validate()
         self.key = key
+        self.admission = admission if admission is not None else Admission()
         self.peer_id = key.peer_id
         self.knode = KNode(key.peer_id)
         self.role = role
@@ -61,7 +84,10 @@ class DhtEndpoint:
         self._verified: OrderedDict[Address, PeerId] = OrderedDict()
         self._verifying: dict[Address, asyncio.Future[None]] = {}
         self._silent: OrderedDict[Contact, float] = OrderedDict()
-        self._last_warn: dict[str, float] = {}
+        self._strangers: OrderedDict[Contact, float] = OrderedDict()
+        self._last_warn: OrderedDict[str, float] = OrderedDict()
+        self._per_host = RateLimiter[str](config.peer_limit, max_keys=config.max_limited_peers)
+        self._total = RateLimiter[None](config.total_limit, max_keys=1)
 
     async def open(self) -> Address:
         """Bind the UDP socket; returns the bound address (port 0 is read back)."""
@@ -119,10 +145,32 @@ class DhtEndpoint:
         self.counters[reason] += 1
         now = time.monotonic()
         if now - self._last_warn.get(host, -WARN_INTERVAL_S) >= WARN_INTERVAL_S:
-            if len(self._last_warn) > 4096:
-                self._last_warn.clear()
             self._last_warn[host] = now
+            self._last_warn.move_to_end(host)
+            while len(self._last_warn) > MAX_WARNED_HOSTS:
+                self._last_warn.popitem(last=False)
             log.warning("dropped input from %s (%s): %s", host, reason, err)
+
+    def admit_datagram(self, n_bytes: int, host: str) -> bool:
+        """Whether a datagram of `n_bytes` from `host` passes the rate limits (else counted).
+
+        This node's own IP (its neighbours on the same machine) has no per-host limit, only
+        the total one.
+        """
+        now = time.monotonic()
+        why = None
+        if host != self.config.listen.host:  # an IPv6 /64 is one host (see dht.ip_group)
+            why = self._per_host.admit(dht.ip_group(host), n_bytes, now=now)
+        if why is None:
+            why = self._total.admit(None, n_bytes, now=now)
+            if why is not None:
+                why = f"all sources together over their {why} limit"
+        else:
+            why = f"over its {why} limit"
+        if why is None:
+            return True
+        self.reject("rate_limited", host, why)
+        return False
 
     # -- identity of contacts --------------------------------------------------------------------
     def is_verified(self, contact: Contact) -> bool:
@@ -152,15 +200,48 @@ class DhtEndpoint:
         self._silent.pop(contact, None)
         if self.is_verified(contact):
             self._verified.move_to_end(contact.addr)
-            self.table.add_contact(to_knode(contact))
-        else:
+            self._add(contact)
+        elif not self.is_stranger(contact):
             self.verify(contact)
+
+    def is_stranger(self, contact: Contact) -> bool:
+        """`contact` was refused admission to the run within the last `STRANGER_TTL_S`."""
+        refused_at = self._strangers.get(contact)
+        if refused_at is None:
+            return False
+        if time.monotonic() - refused_at < STRANGER_TTL_S:
+            return True
+        del self._strangers[contact]
+        return False
+
+    def refuse(self, contact: Contact, err: Refused) -> None:
+        """Count a refusal of `contact`'s signed reply and drop it (a stranger for a while)."""
+        self.reject(err.code, contact.addr.host, err)
+        self.forget(contact)
+        if err.code == "not_admitted":
+            self._strangers[contact] = time.monotonic()
+            self._strangers.move_to_end(contact)
+            while len(self._strangers) > MAX_STRANGERS:
+                self._strangers.popitem(last=False)
+
+    def _add(self, contact: Contact) -> bool:
+        """Put a verified contact in the table; False (counted) when its caps refuse it."""
+        why = self.table.add_contact(to_knode(contact))
+        if why is None:
+            return True
+        self.reject(why, contact.addr.host, f"{contact.peer_id.hex()[:8]} at {contact.addr}")
+        holder = self.table.holder(contact.addr.host, contact.addr.port)
+        if why == "endpoint_taken" and holder is not None:  # honest first: is the holder alive?
+            self.verify(Contact(PeerId(holder), contact.addr), force=True)
+        return False
 
     def verify(self, contact: Contact, *, force: bool = False) -> asyncio.Future[None] | None:
         """Ping `contact`; add it to the table only if its signed reply proves its ID.
 
         Returns the check in flight for that address (a new one or the one already running),
-        which ends within the RPC timeout, or None when there is nothing to check or no room.
+        which ends within `VERIFY_ATTEMPTS` RPC timeouts (an unanswered ping is sent again once:
+        on a lossy link one lost datagram must not keep a live node out of the table until the
+        next refresh), or None when there is nothing to check or no room.
         """
         pending = self._verifying.get(contact.addr)
         if pending is not None or (self.is_verified(contact) and not force):
@@ -171,15 +252,23 @@ class DhtEndpoint:
         assert self.protocol is not None, "open() first"
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._verifying[contact.addr] = done
-        msg_id, future = self.protocol.request(contact.addr, "ping", [], contact)
-        future.add_done_callback(lambda f: self._verified_reply(contact, msg_id, f.result()))
+        self._ping(contact, VERIFY_ATTEMPTS - 1)
         return done
+
+    def _ping(self, contact: Contact, retries: int) -> None:
+        assert self.protocol is not None, "open() first"
+        msg_id, future = self.protocol.request(contact.addr, "ping", [], contact)
+        future.add_done_callback(
+            lambda f: self._verified_reply(contact, msg_id, f.result(), retries)
+        )
 
     async def prove(self, contact: Contact) -> bool:
         """Whether `contact` is this ID at this address, checking it (once) if not known yet."""
+        if self.is_stranger(contact):
+            return False
         pending = self.verify(contact, force=not self.is_verified(contact))
-        if pending is not None:
-            await pending
+        if pending is not None:  # shielded: other lookups may wait on the same check
+            await asyncio.shield(pending)
         return self.is_verified(contact)
 
     async def verifications_done(self) -> None:
@@ -187,28 +276,56 @@ class DhtEndpoint:
         while self._verifying:
             await asyncio.wait(list(self._verifying.values()))
 
-    def _verified_reply(self, contact: Contact, msg_id: bytes, body: object) -> None:
+    def _verified_reply(
+        self, contact: Contact, msg_id: bytes, body: object, retries: int = 0
+    ) -> None:
+        if body is TIMEOUT and retries > 0 and self.protocol is not None:
+            self.counters["verify_retries"] += 1
+            self._ping(contact, retries - 1)
+            return
         done = self._verifying.pop(contact.addr)
         try:
             if body is TIMEOUT:  # the request's own timer already counted the miss
+                if self._verified.get(contact.addr) == contact.peer_id:
+                    del self._verified[contact.addr]  # not confirmed there any more
                 return
             try:
-                dht.open_signed(body, "ping", msg_id, contact.peer_id)
+                dht.open_signed(body, "ping", msg_id, contact.peer_id, self.admission)
+            except Refused as err:
+                self.refuse(contact, err)
+                return
             except WireFormatError as err:
                 self.reject("forged_id", contact.addr.host, err)
-                self.table.remove_contact(to_knode(contact))
+                self.forget(contact)
                 return
             self.mark_verified(contact)
         finally:
-            done.set_result(None)
+            if not done.done():
+                done.set_result(None)
 
-    def mark_verified(self, contact: Contact) -> None:
+    def mark_verified(self, contact: Contact) -> bool:
+        """Record that `contact` proved its ID (and admission) at its address; add it to the table.
+
+        Honest first: while another ID holds that address, the newcomer is refused (counted
+        ``endpoint_taken``) and the holder is checked; it gets in once the holder fails.
+        Returns whether the contact is now held.
+        """
+        held = self._verified.get(contact.addr)
+        if held is not None and held != contact.peer_id:
+            self.reject(
+                "endpoint_taken",
+                contact.addr.host,
+                f"{contact.peer_id.hex()[:8]} claims {contact.addr}, held by {held.hex()[:8]}",
+            )
+            self.verify(Contact(held, contact.addr), force=True)
+            return False
         self._verified[contact.addr] = contact.peer_id
         self._verified.move_to_end(contact.addr)
         while len(self._verified) > MAX_VERIFIED:
             self._verified.popitem(last=False)
         if self.protocol is not None:
-            self.table.add_contact(to_knode(contact))
+            return self._add(contact)
+        return True
 
     def forget(self, contact: Contact) -> None:
         """Drop `contact` (this ID at this address only) from the table and identity cache."""

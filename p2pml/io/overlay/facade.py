@@ -23,12 +23,15 @@ from p2pml.errors import (
     OverlayError,
     P2PMLError,
     PeerTimeout,
+    ProtocolError,
+    Refused,
     WireFormatError,
 )
 from p2pml.io.membership import EstimateView, Membership
 from p2pml.io.overlay.endpoint import DhtEndpoint
 from p2pml.io.overlay.kad import TIMEOUT, DhtProtocol
 from p2pml.protocol import dht
+from p2pml.protocol.auth import Admission
 from p2pml.protocol.dht import Contact, NodeRecord, StepReport
 from p2pml.protocol.identity import NodeKey
 from p2pml.protocol.lookup import LookupMachine
@@ -44,7 +47,8 @@ class LookupResult:
 
     Attributes:
         contacts: the k closest contacts that answered, closest first, each with its ID proven
-            by a signed ping from its address (never one that failed or could not prove it).
+            by a signed ping from its address (never one that failed or could not prove it, nor
+            one the run does not admit), at most `max_contacts_per_ip` per IP address.
         n_queries: ``find_node`` RPCs sent; n_failures: of those, unanswered or malformed.
         duration_s: wall time of the lookup.
         complete: the lookup ran to its end (it did not run out of its time budget).
@@ -64,6 +68,11 @@ class KademliaOverlay:
     Use as ``async with KademliaOverlay(config, key) as overlay: await overlay.bootstrap(seeds)``.
     The background refresh (estimate, pool, idle buckets) runs every `refresh_interval_s` and is
     cancelled and awaited on exit; the socket is closed and the port released.
+
+    With a closed `admission`, only contacts whose signed replies the run admits enter the table,
+    lookups, samples and N^, and a lookup asks a contact for its neighbours only once it has
+    proven its ID and admission (find_node replies are not signed, so a stranger's list of
+    neighbours is never followed).
     """
 
     def __init__(
@@ -73,9 +82,11 @@ class KademliaOverlay:
         *,
         role: str = "peer",
         rng: random.Random | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.config = config.validate()
-        self.endpoint = DhtEndpoint(config, key, role=role)
+        self.admission = admission if admission is not None else Admission()
+        self.endpoint = DhtEndpoint(config, key, role=role, admission=self.admission)
         self.rng = rng if rng is not None else random.Random(os.urandom(16))
         self.membership = Membership(self)
         self.lookup_durations: deque[float] = deque(maxlen=1024)
@@ -188,7 +199,10 @@ class KademliaOverlay:
     async def _signed(self, contact: Contact, name: str) -> object:
         msg_id, body = await self._call(contact.addr, name, [], contact)
         try:
-            _, payload = dht.open_signed(body, name, msg_id, contact.peer_id)
+            _, payload = dht.open_signed(body, name, msg_id, contact.peer_id, self.admission)
+        except Refused as err:
+            self.endpoint.refuse(contact, err)
+            raise
         except WireFormatError as err:
             self.endpoint.reject("bad_signature", contact.addr.host, err)
             self.endpoint.forget(contact)
@@ -200,18 +214,34 @@ class KademliaOverlay:
         """Ping an address; returns its verified contact (its ID proven by a signature).
 
         Raises:
-            PeerTimeout: no reply. WireFormatError: a bad or forged reply.
+            PeerTimeout: no reply. WireFormatError: a bad or forged reply. Refused: a key the
+            run does not admit (``not_admitted``).
         """
         msg_id, body = await self._call(addr, "ping", [], None)
-        signer, _ = dht.open_signed(body, "ping", msg_id, expected)
+        try:
+            signer, _ = dht.open_signed(body, "ping", msg_id, expected, self.admission)
+        except Refused as err:
+            self.endpoint.reject(err.code, addr.host, err)
+            raise
         contact = Contact(signer, addr)
         if signer != self.peer_id:
             self.endpoint.mark_verified(contact)
         return contact
 
     async def info(self, contact: Contact) -> NodeRecord:
-        """The peer's signed record (key, role, HTTP endpoint, step, timestamp)."""
-        return dht.decode_record(await self._signed(contact, "info"))
+        """The peer's signed record (key, role, HTTP endpoint, step, timestamp).
+
+        Raises:
+            PeerTimeout, WireFormatError, Refused: ``not_admitted``, or ``clock_skew`` for a
+            record stamped more than `max_skew_s` from this node's clock.
+        """
+        record = dht.decode_record(await self._signed(contact, "info"))
+        try:
+            dht.check_record_time(record, now_unix_s=time.time(), max_skew_s=self.config.max_skew_s)
+        except Refused as err:
+            self.endpoint.reject(err.code, contact.addr.host, err)
+            raise
+        return record
 
     async def step_of(self, contact: Contact) -> StepReport:
         """The peer's signed current step, and whether it has finished."""
@@ -258,7 +288,7 @@ class KademliaOverlay:
         except TimeoutError:
             self.counters["lookup_budget_exceeded"] += 1
             complete = False
-            contacts = [c for c in machine.result() if self.endpoint.is_verified(c)]
+            contacts = self._capped([c for c in machine.result() if self.endpoint.is_verified(c)])
         duration = loop.time() - started
         self.lookup_durations.append(duration)
         return LookupResult(
@@ -272,25 +302,47 @@ class KademliaOverlay:
         name any ID at any address; only proven contacts may feed N^, samples or stores.
         """
         proven = await asyncio.gather(*(self.endpoint.prove(c) for c in contacts))
-        return [c for c, ok in zip(contacts, proven, strict=True) if ok]
+        return self._capped([c for c, ok in zip(contacts, proven, strict=True) if ok])
+
+    def _capped(self, contacts: list[Contact]) -> list[Contact]:
+        """At most `max_contacts_per_ip` per IP address (this node's own exempt), in order."""
+        cap, own = self.config.max_contacts_per_ip, self.config.listen.host
+        return dht.limit_per_ip(contacts, cap, exempt_host=own)
 
     async def _drive(self, machine: LookupMachine, target: bytes, protocol: DhtProtocol) -> None:
         loop = asyncio.get_running_loop()
         waiting: dict[asyncio.Future[object], Contact] = {}
         while True:
             for c in machine.next_queries(now=loop.time()):
-                _, future = protocol.request(c.addr, "find_node", [target], c)
-                waiting[future] = c
+                waiting[self._query(c, target, protocol)] = c
             if machine.is_done or not waiting:
+                for future in waiting:
+                    future.cancel()
                 return
             deadline = machine.next_deadline(now=loop.time())
             timeout = None if deadline is None else max(0.0, deadline - loop.time())
-            done, _ = await asyncio.wait(
-                waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            try:
+                done, _ = await asyncio.wait(
+                    waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+            except asyncio.CancelledError:
+                for future in waiting:
+                    future.cancel()
+                raise
             for future in done:
                 c = waiting.pop(future)
                 self._feed(machine, c, future.result(), now=loop.time())
+
+    def _query(self, c: Contact, target: bytes, protocol: DhtProtocol) -> asyncio.Future[object]:
+        """Send `c` a find_node; in a closed run only once `c` proved its ID and admission."""
+        if self.admission.is_open or self.endpoint.is_verified(c):
+            return protocol.request(c.addr, "find_node", [target], c)[1]
+        return asyncio.ensure_future(self._query_proven(c, target, protocol))
+
+    async def _query_proven(self, c: Contact, target: bytes, protocol: DhtProtocol) -> object:
+        if not await self.endpoint.prove(c):
+            return TIMEOUT  # a failure for the lookup, like an unanswered query
+        return await protocol.request(c.addr, "find_node", [target], c)[1]
 
     def _feed(self, machine: LookupMachine, c: Contact, body: object, *, now: float) -> None:
         if body is TIMEOUT:
@@ -352,7 +404,7 @@ class KademliaOverlay:
         """`ping`, returning None instead of raising when there is no valid reply."""
         try:
             return await self.ping(addr, expected)
-        except (PeerTimeout, WireFormatError) as err:
+        except (PeerTimeout, ProtocolError) as err:
             log.debug("ping %s: %s", addr, err)
             return None
 

@@ -15,6 +15,12 @@ subclasses its `KademliaProtocol` (installed through `Server.protocol_class`), `
   bounded in number, one per address at a time.
 - `find_neighbors` is exact (the package's traversal can return the wrong set), buckets are found
   by range, and a full bucket pings its head through an owned future, not a stray task.
+- The table holds one ID per ``ip:port`` and at most `max_contacts_per_ip` IDs per IP address
+  (IPv6: per /64; replacements count too; this node's own IP is exempt): the first come keep
+  their place (a Sybil flood from one address adds a few contacts at most), and a second ID at a
+  held address gets in only after the first fails a liveness check.
+- Datagrams go through per-source and total rate limits before any decoding (replies to this
+  node's own requests excepted); outstanding requests are bounded.
 - Storage is bounded in entries and per sending host; values are bytes of at most 1 KiB. Known
   contacts persist as JSON, never pickle.
 """
@@ -26,7 +32,9 @@ import bisect
 import heapq
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
+from itertools import chain
 from typing import TYPE_CHECKING, Final
 
 from kademlia.network import Server
@@ -68,16 +76,104 @@ def to_knode(contact: Contact) -> KNode:
     return KNode(contact.peer_id, contact.addr.host, contact.addr.port)
 
 
-class HardenedTable(RoutingTable):  # type: ignore[misc]
-    """The package's routing table with an exact neighbour search and bounded-miss eviction."""
+class _Held:
+    """Where each ID a table holds (bucket or replacement) is, and how many each IP group has."""
 
-    def __init__(self, protocol: DhtProtocol, ksize: int, node: KNode, evict_after: int) -> None:
+    def __init__(self) -> None:
+        self.by_id: dict[bytes, tuple[str, int]] = {}
+        self.by_endpoint: dict[tuple[str, int], bytes] = {}
+        self.per_group: Counter[str] = Counter()
+
+    def put(self, node: KNode) -> None:
+        endpoint = (node.ip, node.port)
+        old = self.by_id.get(node.id)
+        if old == endpoint:
+            return
+        if old is not None:
+            self.drop(node.id)
+        self.by_id[node.id] = endpoint
+        self.by_endpoint[endpoint] = node.id
+        self.per_group[dht.ip_group(node.ip)] += 1
+
+    def drop(self, node_id: bytes) -> None:
+        endpoint = self.by_id.pop(node_id, None)
+        if endpoint is None:
+            return
+        if self.by_endpoint.get(endpoint) == node_id:
+            del self.by_endpoint[endpoint]
+        group = dht.ip_group(endpoint[0])
+        self.per_group[group] -= 1
+        if self.per_group[group] <= 0:
+            del self.per_group[group]
+
+
+class HardenedBucket(KBucket):  # type: ignore[misc]
+    """The package's k-bucket, keeping the table's `_Held` index up to date."""
+
+    def __init__(self, lower: int, upper: int, ksize: int, held: _Held) -> None:
+        super().__init__(lower, upper, ksize)
+        self.held = held
+
+    def split(self) -> tuple[HardenedBucket, HardenedBucket]:
+        midpoint = (self.range[0] + self.range[1]) // 2
+        one = HardenedBucket(self.range[0], midpoint, self.ksize, self.held)
+        two = HardenedBucket(midpoint + 1, self.range[1], self.ksize, self.held)
+        for node in chain(self.nodes.values(), self.replacement_nodes.values()):
+            (one if node.long_id <= midpoint else two).add_node(node)
+        return one, two
+
+    def add_node(self, node: KNode) -> bool:
+        """Add or refresh `node`; False (it waits as a replacement) when the bucket is full."""
+        self.held.put(node)
+        if node.id in self.nodes:
+            del self.nodes[node.id]
+            self.nodes[node.id] = node
+            return True
+        if len(self.nodes) < self.ksize:
+            self.replacement_nodes.pop(node.id, None)
+            self.nodes[node.id] = node
+            return True
+        self.replacement_nodes.pop(node.id, None)
+        self.replacement_nodes[node.id] = node
+        while len(self.replacement_nodes) > self.max_replacement_nodes:
+            gone, _ = self.replacement_nodes.popitem(last=False)
+            self.held.drop(gone)
+        return False
+
+    def remove_node(self, node: KNode) -> None:
+        if self.replacement_nodes.pop(node.id, None) is not None:
+            self.held.drop(node.id)
+        if self.nodes.pop(node.id, None) is not None:
+            self.held.drop(node.id)
+            if self.replacement_nodes:  # the newest replacement takes the place
+                promoted_id, promoted = self.replacement_nodes.popitem()
+                self.nodes[promoted_id] = promoted
+
+
+class HardenedTable(RoutingTable):  # type: ignore[misc]
+    """The package's routing table with an exact neighbour search, bounded-miss eviction and
+    per-address caps (see the module docstring)."""
+
+    def __init__(
+        self,
+        protocol: DhtProtocol,
+        ksize: int,
+        node: KNode,
+        evict_after: int,
+        *,
+        max_per_ip: int = 3,
+        exempt_host: str = "",
+    ) -> None:
         self._evict_after = evict_after
         self._misses: dict[bytes, int] = {}
+        self._max_per_ip = max_per_ip
+        self._exempt_host = exempt_host
+        self._held = _Held()
         super().__init__(protocol, ksize, node)
 
     def flush(self) -> None:
-        self.buckets = [KBucket(0, 2**160 - 1, self.ksize)]
+        self._held = _Held()
+        self.buckets = [HardenedBucket(0, 2**160 - 1, self.ksize, self._held)]
         self._starts = [0]
 
     def split_bucket(self, index: int) -> None:
@@ -97,19 +193,44 @@ class HardenedTable(RoutingTable):  # type: ignore[misc]
         eligible = [n for n in self.nodes() if n.long_id != target and (n.ip, n.port) != home]
         return heapq.nsmallest(k or self.ksize, eligible, key=lambda n: n.long_id ^ target)
 
-    def add_contact(self, node: KNode) -> None:
+    def holder(self, ip: str, port: int) -> bytes | None:
+        """The ID the table holds at this address, if any."""
+        return self._held.by_endpoint.get((ip, port))
+
+    def refusal(self, node: KNode) -> str | None:
+        """Why `node` may not enter: ``endpoint_taken`` or ``ip_cap``; None when it may."""
+        if self.holds(node):
+            return None
+        holder = self._held.by_endpoint.get((node.ip, node.port))
+        if holder is not None and holder != node.id:
+            return "endpoint_taken"
+        if node.ip == self._exempt_host:
+            return None
+        group = dht.ip_group(node.ip)
+        n_held = self._held.per_group.get(group, 0)
+        moved = self._held.by_id.get(node.id)
+        if moved is not None and dht.ip_group(moved[0]) == group:
+            n_held -= 1  # the same ID moving within its group takes no new place
+        return "ip_cap" if n_held >= self._max_per_ip else None
+
+    def add_contact(self, node: KNode) -> str | None:
+        """Add or refresh a verified contact; returns why it was refused, or None."""
+        why = self.refusal(node)
+        if why is not None:
+            return why
         self._misses.pop(node.id, None)
         index = self.get_bucket_for(node)
         bucket = self.buckets[index]
         bucket.touch_last_updated()  # heard from this range: it needs no refresh lookup
         waiting = node.id in bucket.replacement_nodes
         if bucket.add_node(node):
-            return
+            return None
         if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
             self.split_bucket(index)
-            self.add_contact(node)
-        elif not waiting:  # full: a new replacement waits while the head is checked (once)
+            return self.add_contact(node)
+        if not waiting:  # full: a new replacement waits while the head is checked (once)
             self.protocol.check_alive(to_contact(bucket.head()))
+        return None
 
     def is_complete(self) -> bool:
         """No bucket holds a contact it had to turn away: the table holds everyone it verified."""
@@ -172,7 +293,12 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         super().__init__(endpoint.knode, endpoint.store, endpoint.config.k)
         self._wait_timeout = endpoint.config.rpc_timeout_s
         self.router = HardenedTable(
-            self, endpoint.config.k, endpoint.knode, endpoint.config.evict_after_misses
+            self,
+            endpoint.config.k,
+            endpoint.knode,
+            endpoint.config.evict_after_misses,
+            max_per_ip=endpoint.config.max_contacts_per_ip,
+            exempt_host=endpoint.config.listen.host,
         )
         self._outstanding: dict[
             bytes, tuple[asyncio.Future[object], asyncio.TimerHandle, Contact | None]
@@ -180,6 +306,11 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
 
     # -- receiving -----------------------------------------------------------------------------
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        # Rate limits come first, before any decoding; a reply to a request of ours is not
+        # charged (we chose to ask), anything else is.
+        solicited = data[:1] == b"\x01" and data[1 : 1 + dht.MSG_ID_BYTES] in self._outstanding
+        if not solicited and not self.ep.admit_datagram(len(data), addr[0]):
+            return
         try:
             dg = dht.decode_datagram(data)
             if dg.kind is dht.Kind.REPLY:
@@ -233,14 +364,17 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self.transport.sendto(dht.encode_reply(msg_id, reply), addr)
 
     def _rpc_ping(self, msg_id: bytes, source: Address, sender: PeerId) -> object:
-        return dht.seal_signed(self.ep.key, "ping", msg_id, b"")
+        return dht.seal_signed(self.ep.key, "ping", msg_id, b"", self.ep.admission)
 
     def _rpc_info(self, msg_id: bytes, source: Address, sender: PeerId) -> object:
-        return dht.seal_signed(self.ep.key, "info", msg_id, dht.encode_record(self.ep.record()))
+        record = dht.encode_record(self.ep.record())
+        return dht.seal_signed(self.ep.key, "info", msg_id, record, self.ep.admission)
 
     def _rpc_step(self, msg_id: bytes, source: Address, sender: PeerId) -> object:
         report = dht.StepReport(self.ep.step, self.ep.done)
-        return dht.seal_signed(self.ep.key, "step", msg_id, dht.encode_step(report))
+        return dht.seal_signed(
+            self.ep.key, "step", msg_id, dht.encode_step(report), self.ep.admission
+        )
 
     def _rpc_find_node(self, msg_id: bytes, source: Address, sender: PeerId, key: bytes) -> object:
         near = self.router.find_neighbors(
@@ -275,6 +409,10 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
         if self.transport.is_closing():  # closed (or failed): nothing will answer
+            future.set_result(TIMEOUT)
+            return msg_id, future
+        if len(self._outstanding) >= self.ep.config.max_outstanding_requests:
+            self.ep.counters["outstanding_full"] += 1  # fails at once, like an unanswered one
             future.set_result(TIMEOUT)
             return msg_id, future
         timer = loop.call_later(self._wait_timeout, self._expire, msg_id)

@@ -10,8 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pml.core.types import Address, PeerId, Step
-from p2pml.errors import WireFormatError
+from p2pml.errors import Refused, WireFormatError
 from p2pml.protocol import dht
+from p2pml.protocol.auth import Admission
 from p2pml.protocol.dht import Contact, NodeRecord
 from p2pml.protocol.identity import NodeKey
 
@@ -119,7 +120,7 @@ def test_signed_reply_from_another_key_is_a_forged_id():
 @pytest.mark.parametrize("change", ["payload", "msg_id", "name", "signature"])
 def test_signed_reply_that_was_tampered_or_replayed_does_not_verify(change):
     key = NodeKey.generate()
-    packed, public_key, signature = dht.seal_signed(key, "step", MSG_ID, 1)
+    packed, public_key, signature, proof = dht.seal_signed(key, "step", MSG_ID, 1)
     name, msg_id = "step", MSG_ID
     if change == "payload":
         packed = msgpack.packb(2)
@@ -130,16 +131,121 @@ def test_signed_reply_that_was_tampered_or_replayed_does_not_verify(change):
     else:
         signature = bytes(64)
     with pytest.raises(WireFormatError, match="does not verify"):
-        dht.open_signed([packed, public_key, signature], name, msg_id, key.peer_id)
+        dht.open_signed([packed, public_key, signature, proof], name, msg_id, key.peer_id)
 
 
 @pytest.mark.parametrize(
     "body",
-    [None, [b"", b"k" * 32], [b"", b"k" * 31, b"s" * 64], [b"", b"k" * 32, b"s" * 63], [1, 2, 3]],
+    [
+        None,
+        [b"", b"k" * 32],
+        [b"", b"k" * 31, b"s" * 64, bytes(32)],
+        [b"", b"k" * 32, b"s" * 63, bytes(32)],
+        [b"", b"k" * 32, b"s" * 64, bytes(31)],
+        [b"", b"k" * 32, b"s" * 64, None],
+        [b"", b"k" * 32, b"s" * 64],  # the three-field form of before run-key proofs
+        [1, 2, 3, 4],
+    ],
 )
 def test_signed_reply_with_a_bad_shape_is_rejected(body):
     with pytest.raises(WireFormatError):
         dht.open_signed(body, "ping", MSG_ID, None)
+
+
+RUN_KEY = Admission(run_key=Admission.derive_key(b"the run's secret, 16+ bytes"))
+OTHER_RUN_KEY = Admission(run_key=Admission.derive_key(b"another run's secret, 16+"))
+
+
+def test_signed_reply_carries_zeros_as_its_proof_in_an_open_run():
+    body = dht.seal_signed(NodeKey.generate(), "ping", MSG_ID, b"")
+    assert body[3] == bytes(32)
+
+
+@pytest.mark.parametrize(
+    ("sealed_with", "opened_with", "admitted"),
+    [
+        ("open", "open", True),
+        ("run key", "open", True),  # an open run admits any key, whatever it proves
+        ("run key", "run key", True),
+        ("open", "run key", False),  # no proof
+        ("other run key", "run key", False),  # a proof under another run's key
+        ("open", "allowlist", True),
+        ("open", "other allowlist", False),
+        ("run key", "run key and allowlist", True),
+        ("other run key", "run key and allowlist", False),
+    ],
+)
+def test_signed_reply_is_admitted_only_by_the_runs_key_or_allowlist(
+    sealed_with, opened_with, admitted
+):
+    key = NodeKey.generate()
+    admissions = {
+        "open": Admission(),
+        "run key": RUN_KEY,
+        "other run key": OTHER_RUN_KEY,
+        "allowlist": Admission(allowed_keys=frozenset({key.public_key})),
+        "other allowlist": Admission(allowed_keys=frozenset({NodeKey.generate().public_key})),
+        "run key and allowlist": Admission(RUN_KEY.run_key, frozenset({key.public_key})),
+    }
+    body = dht.seal_signed(key, "info", MSG_ID, 5, admissions[sealed_with])
+    if admitted:
+        assert dht.open_signed(body, "info", MSG_ID, key.peer_id, admissions[opened_with])[1] == 5
+    else:
+        with pytest.raises(Refused, match="not admitted") as caught:
+            dht.open_signed(body, "info", MSG_ID, key.peer_id, admissions[opened_with])
+        assert caught.value.code == "not_admitted"
+
+
+def test_run_key_proof_replayed_for_another_request_does_not_verify():
+    key = NodeKey.generate()
+    body = dht.seal_signed(key, "step", MSG_ID, 1, RUN_KEY)
+    with pytest.raises(WireFormatError, match="does not verify"):
+        dht.open_signed(body, "step", b"o" * 20, key.peer_id, RUN_KEY)
+
+
+@pytest.mark.parametrize(("offset_s", "ok"), [(0.0, True), (119.0, True), (-119.0, True),
+                                              (121.0, False), (-121.0, False)])  # fmt: skip
+def test_record_stamped_too_far_from_this_clock_is_refused(offset_s, ok):
+    record = NodeRecord(NodeKey.generate().public_key, "peer", None, Step(0), 1000.0 + offset_s)
+    if ok:
+        dht.check_record_time(record, now_unix_s=1000.0, max_skew_s=120.0)
+    else:
+        with pytest.raises(Refused, match="stamped") as caught:
+            dht.check_record_time(record, now_unix_s=1000.0, max_skew_s=120.0)
+        assert caught.value.code == "clock_skew"
+
+
+@pytest.mark.parametrize(
+    ("host", "group"),
+    [
+        ("127.0.0.2", "127.0.0.2"),
+        ("2001:db8::1", "2001:db8::/64"),
+        ("2001:db8::ffff:1", "2001:db8::/64"),
+        ("2001:db8:0:1::1", "2001:db8:0:1::/64"),
+        ("::ffff:10.0.0.1", "10.0.0.1"),
+    ],
+)
+def test_ip_group_is_the_address_or_the_ipv6_64(host, group):
+    assert dht.ip_group(host) == group
+
+
+def _c(i: int, host: str, port: int) -> Contact:
+    return Contact(PeerId(bytes([i]) * 20), Address(host, port))
+
+
+def test_limit_per_ip_keeps_the_first_few_per_host_and_one_id_per_address():
+    contacts = [
+        _c(1, "127.0.0.9", 1),
+        _c(2, "127.0.0.9", 1),  # a second ID at the same address
+        _c(3, "127.0.0.9", 2),
+        _c(4, "127.0.0.5", 1),
+        _c(5, "127.0.0.9", 3),  # over the cap of 2 for 127.0.0.9
+        _c(6, "127.0.0.1", 1),  # the node's own host: exempt
+        _c(7, "127.0.0.1", 2),
+        _c(8, "127.0.0.1", 3),
+    ]
+    kept = dht.limit_per_ip(contacts, 2, exempt_host="127.0.0.1")
+    assert [c.peer_id[0] for c in kept] == [1, 3, 4, 6, 7, 8]
 
 
 def test_record_round_trips():
