@@ -10,10 +10,16 @@ deltas by n/P (DESIGN.md §5) keeps doing so:
 - ``median``: the coordinate-wise median; one peer in three cannot move a coordinate past the
   honest values;
 - ``trimmed_mean``: per coordinate, drop the `trim` share of the largest and of the smallest
-  values, and average the rest;
+  values, rounded up (so one at each end as soon as `trim` > 0: the few deltas of one step are
+  where one hostile peer must be trimmed), and average the rest;
 - ``centered_clip``: start from the coordinate-wise median and move towards each delta by at most
   `radius` in L2 norm (Karimireddy, He and Jaggi, ICML 2021, "Learning from History for Byzantine
-  Robust Optimization"), for `iterations` rounds.
+  Robust Optimization"), for `iterations` rounds; without a radius, the median distance of the
+  inputs from that start, so the radius follows the honest deltas' spread whatever their scale.
+
+A rule needs a majority to outvote anything: `combine_group` combines groups of at least
+`MIN_GROUP` inputs and leaves smaller ones to the caller, who applies them unchanged.
+`AggregationConfig` is what a node is told to do (the rule, and the norm filter's factor).
 
 `NormFilter` keeps the norms of recently accepted deltas and refuses a delta whose norm is more
 than `factor` times their median: a sign-flipped delta scaled by 100 is dropped (and counted by the
@@ -33,12 +39,25 @@ import numpy.typing as npt
 
 from p2pml.errors import ConfigError
 
-__all__ = ["RULES", "AggregationRule", "NormFilter", "combine", "delta_norm"]
+__all__ = [
+    "DEFAULT_NORM_FACTOR",
+    "MIN_GROUP",
+    "RULES",
+    "AggregationConfig",
+    "AggregationRule",
+    "Array",
+    "NormFilter",
+    "combine",
+    "combine_group",
+    "delta_norm",
+]
 
 Array = npt.NDArray[np.floating]
 Delta = Sequence[Array]
 RuleName = Literal["mean", "median", "trimmed_mean", "centered_clip"]
 RULES: Final[tuple[RuleName, ...]] = ("mean", "median", "trimmed_mean", "centered_clip")
+MIN_GROUP: Final = 3  # the fewest inputs in which one hostile delta can be outvoted
+DEFAULT_NORM_FACTOR: Final = 10.0  # the norm filter's factor when a robust rule is on
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,13 +67,14 @@ class AggregationRule:
     Attributes:
         name: one of `RULES`.
         trim: for ``trimmed_mean``, the share dropped at each end, in [0, 0.5).
-        radius: for ``centered_clip``, the largest L2 step towards one delta (> 0).
+        radius: for ``centered_clip``, the largest L2 step towards one delta (> 0); None: the
+            median distance of the inputs from their coordinate-wise median, per call.
         iterations: for ``centered_clip``, the rounds of clipping (>= 1).
     """
 
     name: RuleName = "mean"
     trim: float = 0.1
-    radius: float = 1.0
+    radius: float | None = None
     iterations: int = 3
 
     def validate(self) -> AggregationRule:
@@ -67,8 +87,11 @@ class AggregationRule:
             raise ConfigError("aggregation", self.name, "one of " + ", ".join(RULES))
         if not 0.0 <= self.trim < 0.5:
             raise ConfigError("trim", self.trim, "a share in [0, 0.5)")
-        if not (self.radius > 0 and math.isfinite(self.radius)):
-            raise ConfigError("radius", self.radius, "a finite number > 0")
+        radius = self.radius
+        if radius is not None and not (
+            isinstance(radius, int | float) and radius > 0 and math.isfinite(radius)
+        ):
+            raise ConfigError("radius", radius, "a finite number > 0, or unset for automatic")
         if isinstance(self.iterations, bool) or not self.iterations >= 1:
             raise ConfigError("iterations", self.iterations, "a whole number >= 1")
         return self
@@ -114,9 +137,31 @@ def combine(deltas: Sequence[Delta], rule: AggregationRule | None = None) -> lis
     return out
 
 
+def combine_group(
+    deltas: Sequence[Delta], rule: AggregationRule, *, own: Delta | None = None
+) -> list[Array] | None:
+    """The deltas of one step combined by `rule`, standing for their mean; None when the rule is
+    the mean or the group is smaller than `MIN_GROUP` (a rule needs a majority to outvote one
+    hostile delta, so one or two deltas go through unchanged: the caller adds each as it is).
+
+    Args:
+        deltas: the received deltas of one step.
+        own: the caller's own latest change, as one more vote: it counts towards `MIN_GROUP` and
+            enters the rule, but the result still stands for the mean of `deltas` (the caller has
+            applied its own change already, and weighs the result by ``len(deltas)``).
+
+    Raises:
+        ConfigError: for a bad rule, or deltas whose shapes differ.
+    """
+    inputs = [*deltas, own] if own is not None else list(deltas)
+    if rule.name == "mean" or len(inputs) < MIN_GROUP:
+        return None
+    return combine(inputs, rule)
+
+
 def _trimmed_mean(stack: npt.NDArray[np.float64], trim: float) -> npt.NDArray[np.float64]:
     n = stack.shape[0]
-    cut = min(math.floor(trim * n), (n - 1) // 2)
+    cut = min(math.ceil(trim * n - 1e-9), (n - 1) // 2)  # 1e-9: 0.1 * 30 is not above 3
     kept = np.sort(stack, axis=0)[cut : n - cut] if cut else stack
     result: npt.NDArray[np.float64] = kept.mean(axis=0)
     return result
@@ -127,11 +172,14 @@ def _centered_clip(deltas: Sequence[Delta], rule: AggregationRule) -> list[Array
         [np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in d]) for d in deltas]
     )
     centre = np.median(flat, axis=0)
-    for _ in range(rule.iterations):
+    radius = rule.radius
+    if radius is None:
+        radius = float(np.median(np.linalg.norm(flat - centre, axis=1)))
+    for _ in range(rule.iterations if radius > 0 else 0):  # radius 0: most inputs are the centre
         diffs = flat - centre
         norms = np.linalg.norm(diffs, axis=1)
         # min(1, radius / norm), written so that a zero norm (a delta at the centre) is 1
-        scale = rule.radius / np.maximum(norms, rule.radius)
+        scale = radius / np.maximum(norms, radius)
         centre = centre + (diffs * scale[:, None]).mean(axis=0)
     out: list[Array] = []
     offset = 0
@@ -174,7 +222,10 @@ class NormFilter:
 
     def admit(self, delta: Delta) -> bool:
         """Whether `delta` may be used; an admitted delta's norm joins the window."""
-        norm = delta_norm(delta)
+        return self.admit_norm(delta_norm(delta))
+
+    def admit_norm(self, norm: float) -> bool:
+        """`admit` for a delta whose norm the caller has computed."""
         if not math.isfinite(norm):
             return False
         limit = self.limit
@@ -182,3 +233,63 @@ class NormFilter:
             return False
         self._norms.append(norm)
         return True
+
+    def observe(self, norm: float) -> None:
+        """Add the norm of a trusted delta (the caller's own change) to the window unchecked;
+        a non-finite norm is ignored."""
+        if math.isfinite(norm):
+            self._norms.append(norm)
+
+
+@dataclass(frozen=True, slots=True)
+class AggregationConfig:
+    """How a node combines the deltas it receives, and which it drops (issue 8).
+
+    Attributes:
+        rule: how the deltas of one step are combined (`AggregationRule`).
+        norm_factor: drop a received delta whose norm exceeds this many times the median of the
+            recent ones (`NormFilter`); 0 turns the filter off.
+    """
+
+    rule: AggregationRule = AggregationRule()
+    norm_factor: float = 0.0
+
+    @classmethod
+    def build(
+        cls,
+        name: str = "mean",
+        *,
+        trim: float = 0.1,
+        radius: float | None = None,
+        norm_factor: float | None = None,
+    ) -> AggregationConfig:
+        """A validated config; `norm_factor` None means `DEFAULT_NORM_FACTOR` with a robust
+        rule and off with the mean.
+
+        Raises:
+            ConfigError: naming the field (``aggregation``, ``trim``, ``radius`` or
+                ``norm_factor``) that is out of range.
+        """
+        rule = AggregationRule(name, trim=trim, radius=radius)  # type: ignore[arg-type]
+        if norm_factor is None:
+            norm_factor = DEFAULT_NORM_FACTOR if rule.name != "mean" else 0.0
+        return cls(rule, norm_factor).validate()
+
+    @property
+    def is_plain(self) -> bool:
+        """The plain mean without a filter: every delta is added as it is."""
+        return self.rule.name == "mean" and not self.norm_factor
+
+    def validate(self) -> AggregationConfig:
+        """Return self, or raise `ConfigError` naming the first bad field."""
+        self.rule.validate()
+        factor = self.norm_factor
+        if isinstance(factor, bool) or not isinstance(factor, int | float):
+            raise ConfigError("norm_factor", factor, "0 (off) or a finite number > 1")
+        if factor != 0 and not (factor > 1 and math.isfinite(factor)):
+            raise ConfigError("norm_factor", factor, "0 (off) or a finite number > 1")
+        return self
+
+    def norm_filter(self) -> NormFilter | None:
+        """A fresh filter of this config's factor, or None when it is off."""
+        return NormFilter(factor=self.norm_factor) if self.norm_factor else None

@@ -13,6 +13,11 @@ the mean of the nodes' updates (DESIGN.md §5).
     async with Node(config, manifest) as node, Trainer(node, model, optimizer) as trainer:
         result = await trainer.train(batches, steps=500)
 
+Robust aggregation (issue 8): with an `AggregationConfig` other than the plain mean, received deltas
+are screened, grouped by step and combined by its rule before they reach the model
+(`train/robust.py`); groups of one or two deltas go through unchanged. With the plain mean (the
+default) deltas are added exactly as described above.
+
 Checkpoints (`train/checkpoint.py`): every `checkpoint_every` steps, of the parameters, optimiser
 state and step; ``train(..., resume=load_checkpoint(folder, manifest))`` continues from one.
 """
@@ -40,10 +45,12 @@ import torch.nn.functional as F
 from p2pml.core.run import RunManifest
 from p2pml.errors import ConfigError, P2PMLError, TrainingDiverged
 from p2pml.node.node import ModelSource, Node, PushReport, StepInputs
+from p2pml.protocol.aggregate import AggregationConfig
 from p2pml.protocol.messages import DeltaPush, ModelReply, TensorBlob
 from p2pml.protocol.sync import WaitRecord
 from p2pml.train import checkpoint as ckpt
 from p2pml.train.checkpoint import Checkpoint
+from p2pml.train.robust import RobustAggregator
 from p2pml.train.tensors import as_tensor, load_blobs, param_specs, to_blobs, trainable
 
 __all__ = ["StepDriver", "StepLog", "TrainResult", "Trainer", "TrainingDiverged", "accuracy"]
@@ -145,6 +152,8 @@ class Trainer:
         checkpoint_dir: where checkpoints go (``node-<step>.p2pml``).
         checkpoint_every: checkpoint every this many completed steps (0: never).
         keep_checkpoints: how many of the newest checkpoints to keep.
+        aggregation: how received deltas are combined and screened (`train/robust.py`); the
+            plain mean, exactly as without it, by default.
 
     Raises:
         ConfigError: for a model that does not match the manifest, or a bad setting.
@@ -164,6 +173,7 @@ class Trainer:
         checkpoint_dir: Path | None = None,
         checkpoint_every: int = 0,
         keep_checkpoints: int = 3,
+        aggregation: AggregationConfig | None = None,
     ) -> None:
         if param_specs(model) != node.manifest.params:
             raise ConfigError(
@@ -184,6 +194,10 @@ class Trainer:
         self._executor: ThreadPoolExecutor | None = None
         self.last_loss: float | None = None
         self._weight = 1.0
+        self.aggregation = (aggregation or AggregationConfig()).validate()
+        self._robust: RobustAggregator | None = None
+        if not self.aggregation.is_plain:
+            self._robust = RobustAggregator(self.aggregation, self._params)
 
     async def __aenter__(self) -> Self:
         self._executor = ThreadPoolExecutor(
@@ -219,6 +233,9 @@ class Trainer:
         self._apply_deltas(inputs.deltas, inputs.weight)
 
     def _apply_deltas(self, deltas: list[DeltaPush], weight: float) -> None:
+        if self._robust is not None:
+            self._robust.apply(deltas, weight)
+            return
         with torch.no_grad():
             for msg in deltas:
                 for (_, param), blob in zip(self._params, msg.tensors, strict=True):
@@ -248,7 +265,10 @@ class Trainer:
                 changes.append((name, change))
         if self.slow_s:
             time.sleep(self.slow_s)
-        return value, to_blobs(changes)
+        blobs = to_blobs(changes)
+        if self._robust is not None:
+            self._robust.own_change(blobs)
+        return value, blobs
 
     def _evaluate(self) -> float | None:
         return None if self.eval_data is None else accuracy(self.model, self.eval_data)
@@ -367,6 +387,7 @@ class Trainer:
             inputs = await node.inputs()
             self._weight = inputs.weight  # what every delta of this step weighs
             loss, delta = await self._run(self._step, inputs, it, step)
+            self._count_dropped()
             compute_s = time.monotonic() - computed_at
             self.last_loss = loss
             await node.publish(step, delta)
@@ -382,6 +403,10 @@ class Trainer:
                 accuracy = await self._run(self._evaluate)
             self._emit(on_step, self._log(step, loss, accuracy, wait, began, compute_s))
         return waited, None
+
+    def _count_dropped(self) -> None:
+        if self._robust is not None:
+            self._robust.count_dropped(self.node.counters, now=time.monotonic())
 
     def _emit(self, on_step: Callable[[StepLog], None] | None, entry: StepLog) -> None:
         """Hand a step's line to the node's metrics (when it keeps any) and to the caller."""
@@ -407,6 +432,7 @@ class Trainer:
         # peers may have finished meanwhile: the last deltas weigh what the last step's did
         final = StepInputs(inputs.model, inputs.deltas, self._weight)
         await self._run(self._apply, final)
+        self._count_dropped()
         return await self._run(self._evaluate)
 
     def _log(

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from p2pml.errors import ConfigError
-from p2pml.protocol.aggregate import RULES, AggregationRule, NormFilter, combine, delta_norm
+from p2pml.protocol.aggregate import (
+    RULES,
+    AggregationRule,
+    NormFilter,
+    combine,
+    combine_group,
+    delta_norm,
+)
 
 SHAPES = [(3, 4), (5,)]
 
@@ -151,3 +158,40 @@ def test_bad_norm_filters_are_refused(kwargs, field):
     with pytest.raises(ConfigError) as info:
         NormFilter(**kwargs)
     assert info.value.field == field
+
+
+def test_trimmed_mean_trims_one_value_at_each_end_of_a_small_group():
+    """0.1 x 5 rounds up: of five deltas the largest and smallest go, whatever the trim > 0."""
+    deltas = [[np.array([v])] for v in (1.0, 2.0, 3.0, 4.0, 1000.0)]
+    out = combine(deltas, AggregationRule("trimmed_mean", trim=0.1))
+    np.testing.assert_allclose(out[0], [3.0])
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
+def test_centered_clip_without_a_radius_follows_the_deltas_scale(scale):
+    rng = np.random.default_rng(4)
+    good = [[scale * a for a in d] for d in honest(rng, 5)]
+    attack = [-100.0 * a for a in good[0]]
+    target = combine(good)
+    out = combine([*good, attack], AggregationRule("centered_clip"))
+    assert distance(out, target) < 0.5 * delta_norm(target)
+
+
+def test_combine_group_leaves_the_mean_and_small_groups_to_the_caller():
+    deltas = honest(np.random.default_rng(5), 2)
+    assert combine_group(deltas, AggregationRule("median")) is None  # two cannot outvote
+    assert combine_group([*deltas, deltas[0]], AggregationRule("mean")) is None
+    own = honest(np.random.default_rng(6), 1)[0]
+    out = combine_group(deltas, AggregationRule("median"), own=own)  # own is the third vote
+    assert out is not None
+    expected = np.median(np.stack([deltas[0][0], deltas[1][0], own[0]]), axis=0)
+    np.testing.assert_allclose(out[0], expected, rtol=1e-6)
+
+
+def test_the_norm_filter_is_armed_by_trusted_norms():
+    gate = NormFilter(factor=10.0, warmup=4)
+    for _ in range(4):
+        gate.observe(1.0)
+    gate.observe(float("nan"))  # ignored
+    assert gate.limit == 10.0
+    assert gate.admit_norm(9.0) and not gate.admit_norm(11.0)
