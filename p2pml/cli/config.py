@@ -45,7 +45,7 @@ import types
 import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import typer
 from typer.core import TyperCommand, TyperOption
@@ -275,6 +275,10 @@ def _source(ctx: typer.Context, option: TyperOption) -> str:
     return label
 
 
+_SECRET_OPTIONS: Final = frozenset({"run_key"})
+"""Options whose value is a secret: `render_config` says they are set, never what they are."""
+
+
 def render_config(ctx: typer.Context) -> str:
     """The resolved options of `ctx`'s command as TOML, each with its source as a comment."""
     command = ctx.command
@@ -293,6 +297,8 @@ def render_config(ctx: typer.Context) -> str:
             value = ctx.params.get(option.name)
             if value is None:
                 lines.append(f"# {_key(option)}: not set ({_source(ctx, option)})")
+            elif option.name in _SECRET_OPTIONS and not str(value).startswith("@"):
+                lines.append(f"# {_key(option)}: set, not shown ({_source(ctx, option)})")
             else:
                 lines.append(f"{_key(option)} = {_toml_value(value)}  # {_source(ctx, option)}")
     return "\n".join(lines) + "\n"

@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -71,6 +72,8 @@ _OWN_FLAGS = {  # set per node by p2pml local, or a path every node would share
     "--key",
     "--slow",
     "--advertise",
+    "--run-key",
+    "--allow-keys",
 }
 _CONTACT = re.compile(r"^seed [0-9a-f]+ contact (\S+)$", re.MULTILINE)
 _LISTENING = re.compile(r"listening on (\S+) \(workers:")
@@ -322,6 +325,14 @@ def local(
         float, typer.Option(help="Stop everything after this many seconds (0: never).")
     ] = 0.0,
     plots: Annotated[bool, typer.Option(help="Write the PNG plots at the end.")] = True,
+    open_run: Annotated[
+        bool,
+        typer.Option(
+            "--open",
+            help="Leave the run open to any key; by default it is closed with a new run key "
+            "(OUT/keys/run.secret, given to the seed and every node).",
+        ),
+    ] = False,
 ) -> None:
     """Run a whole training run on this machine: a seed and N peers (or a server and N workers),
     one process each, with live progress, logs, a summary and plots in --out. Flags after --
@@ -391,6 +402,7 @@ def local(
             path.unlink()
     # and its nodes' checkpoints, which a fresh node would refuse to write beside
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    closing = [] if open_run else ["--run-key", f"@{_new_run_secret(folder / 'keys')}"]
 
     exe = [sys.executable, "-m", "p2pml"]
     children: list[Child] = []
@@ -400,7 +412,15 @@ def local(
         seed_child = Child(
             "seed",
             "seed",
-            [*exe, "seed", "--listen", "127.0.0.1:0", "--key", str(folder / "keys" / "seed.key")],
+            [
+                *exe,
+                "seed",
+                "--listen",
+                "127.0.0.1:0",
+                "--key",
+                str(folder / "keys" / "seed.key"),
+                *closing,
+            ],
             folder / "seed.jsonl",
             folder / "seed.stderr.log",
         )
@@ -412,7 +432,7 @@ def local(
             [
                 *exe, "run", "--role", "server", "--listen", "127.0.0.1:0",
                 "--min-peers", str(nodes), "--log", str(folder / "server.jsonl"),
-                "--key", str(folder / "keys" / "server.key"), *common, *extra,
+                "--key", str(folder / "keys" / "server.key"), *closing, *common, *extra,
                 *(["--checkpoint-dir", str(folder / "checkpoints")] if checkpoints else []),
             ],
             folder / "server.jsonl",
@@ -428,7 +448,7 @@ def local(
             argv += ["--slow", str(delays[i])]
         if checkpoints:  # each node its own folder: checkpoint files are named by step only
             argv += ["--checkpoint-dir", str(folder / "checkpoints" / name)]
-        argv += [*common, *trains, *extra]
+        argv += [*closing, *common, *trains, *extra]
         children.append(
             Child(name, role if role == "peer" else "worker", argv, folder / f"{name}.jsonl",
                   folder / f"{name}.stderr.log", slow=delays[i])
@@ -439,7 +459,7 @@ def local(
         "staleness": staleness, "model": model, "dataset": dataset,
         "data_dir": None if data_dir is None else str(data_dir), "steps": steps,
         "time_budget": time_budget, "eval_every": eval_every, "seed": seed, "run_id": run_id,
-        "timeout": timeout, "extra_run_args": extra,
+        "timeout": timeout, "extra_run_args": extra, "closed": not open_run,
     }  # fmt: skip
     started_at = datetime.now(UTC)
     console = Console(stderr=True)
@@ -515,6 +535,16 @@ def local(
         raise typer.Exit(130)
     if status in ("failed", "timeout"):
         raise typer.Exit(1)
+
+
+def _new_run_secret(keys: Path) -> Path:
+    """A fresh run secret in `keys`/run.secret (mode 0600), for ``--run-key @FILE``."""
+    path = keys / "run.secret"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(secrets.token_hex(32) + "\n")
+    return path
 
 
 def _is_run_folder(folder: Path) -> bool:

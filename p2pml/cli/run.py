@@ -30,11 +30,14 @@ from p2pml.cli.config import ConfigOption, PrintConfigOption, show_config
 from p2pml.cli.overlay import BootstrapOption, _address, parse_bootstrap, parse_listen
 from p2pml.core.barrier import get_policy
 from p2pml.core.config import DEFAULT_RPC_TIMEOUT_S, DataPlaneConfig, OverlayConfig
+from p2pml.core.faults import FaultPlan
 from p2pml.core.run import NodeConfig, RunManifest, TensorSpec
 from p2pml.core.sampling import SampleSize
 from p2pml.core.types import Address
 from p2pml.errors import BarrierTimeout, ConfigError, OverlayError, P2PMLError
 from p2pml.log import setup_logging
+from p2pml.protocol.aggregate import RULES, AggregationConfig
+from p2pml.protocol.auth import Admission
 
 if TYPE_CHECKING:
     from p2pml.node.server import ParameterServer, UpdateLog
@@ -56,12 +59,15 @@ _FLAGS = {
     "max_delta_age": "--max-delta-age",
     "join_timeout_s": "--join-timeout",
     "rpc_timeout_s": "--rpc-timeout",
+    "refresh_interval_s": "--refresh-interval",
+    "max_contacts_per_ip": "--max-contacts-per-ip",
     "heartbeat_timeout_s": "--heartbeat-timeout",
     "heartbeat_interval_s": "--heartbeat-timeout",
     "server_timeout_s": "--server-timeout",
     "checkpoint_every": "--checkpoint-every",
 }
 ROLES = ("peer", "server", "worker")
+_REFRESH_INTERVAL_S = OverlayConfig().refresh_interval_s
 
 
 def _node_config(
@@ -72,6 +78,8 @@ def _node_config(
     advertise: str | None,
     bootstrap: list[Address],
     rpc_timeout: float,
+    max_contacts_per_ip: int,
+    refresh_interval: float = _REFRESH_INTERVAL_S,
     **fields: object,
 ) -> NodeConfig:
     udp = parse_listen(listen)
@@ -86,6 +94,8 @@ def _node_config(
             listen=udp,
             advertise=_address(advertise, "--advertise") if advertise else None,
             rpc_timeout_s=rpc_timeout,
+            max_contacts_per_ip=max_contacts_per_ip,
+            refresh_interval_s=refresh_interval,
         )
         return NodeConfig(
             overlay=overlay,
@@ -95,6 +105,39 @@ def _node_config(
         ).validate()
     except ConfigError as err:
         raise bad_flag(_FLAGS.get(err.field, err.field), err.value, err.allowed) from None
+
+
+def _fault_plan(path: Path | None) -> FaultPlan | None:
+    """The plan of ``--faults``, read and checked now (the node re-reads it as it changes)."""
+    if path is None:
+        return None
+    from p2pml.io.faults import read_plan  # aiohttp and kademlia load only with the flag
+
+    try:
+        return read_plan(path)
+    except ConfigError as err:
+        where = "" if err.field == "faults" else f" ({err.field})"
+        raise bad_flag("--faults", err.value, err.allowed + where) from None
+
+
+def _aggregation(
+    name: str, trim: float, radius: float | None, norm_factor: float | None
+) -> AggregationConfig:
+    """The checked ``--aggregate``, ``--trim``, ``--clip-radius`` and ``--norm-filter``."""
+    flags = {
+        "aggregation": "--aggregate",
+        "trim": "--trim",
+        "radius": "--clip-radius",
+        "norm_factor": "--norm-filter",
+    }
+    if name.lower() not in RULES:
+        raise bad_flag("--aggregate", name, "one of " + ", ".join(RULES))
+    try:
+        return AggregationConfig.build(
+            name.lower(), trim=trim, radius=radius, norm_factor=norm_factor
+        )
+    except ConfigError as err:
+        raise bad_flag(flags.get(err.field, err.field), err.value, err.allowed) from None
 
 
 def _open_log(path: str) -> IO[str]:
@@ -118,6 +161,20 @@ def run(
     ] = None,
     key: Annotated[
         Path | None, typer.Option(help="Ed25519 key file (made if absent); default: a new key.")
+    ] = None,
+    run_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Close the run to holders of this shared secret (>= 16 bytes), or @FILE for a "
+            "file holding it; P2PML_RUN_KEY keeps it out of the process list."
+        ),
+    ] = None,
+    allow_keys: Annotated[
+        Path | None,
+        typer.Option(
+            help="Close the run to these public keys: a file of hex keys, one per line "
+            "(p2pml keys show prints a node's)."
+        ),
     ] = None,
     run_id: Annotated[
         str, typer.Option(help="The run to join: nodes of other runs are refused.")
@@ -150,6 +207,27 @@ def run(
     ] = 50,
     shard: Annotated[str, typer.Option(help="auto, or INDEX/COUNT for a disjoint shard.")] = "auto",
     seed: Annotated[int, typer.Option(help="Model initialisation and shard seed (the run's).")] = 0,
+    aggregate: Annotated[
+        str,
+        typer.Option(
+            help="How a peer combines the deltas of one step it receives (a server: of a BSP "
+            "round): mean, or the robust median, trimmed_mean or centered_clip."
+        ),
+    ] = "mean",
+    trim: Annotated[
+        float, typer.Option(help="trimmed_mean: the share dropped at each end, in [0, 0.5).")
+    ] = 0.1,
+    clip_radius: Annotated[
+        float | None,
+        typer.Option(help="centered_clip: the radius (default: the inputs' median distance)."),
+    ] = None,
+    norm_filter: Annotated[
+        float | None,
+        typer.Option(
+            help="Drop a received delta whose norm exceeds this x the recent median; 0: off "
+            "(default: 10 with a robust --aggregate, off with mean)."
+        ),
+    ] = None,
     min_peers: Annotated[int, typer.Option(help="Start once this many other nodes are known.")] = 0,
     join_timeout: Annotated[float, typer.Option(help="Seconds to wait for --min-peers.")] = 60.0,
     full_delivery_max: Annotated[
@@ -163,6 +241,16 @@ def run(
         int | None, typer.Option(help="Refuse deltas older than this (default s).")
     ] = None,
     rpc_timeout: Annotated[float, typer.Option(help="DHT RPC timeout, s.")] = DEFAULT_RPC_TIMEOUT_S,
+    refresh_interval: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between DHT refreshes (estimate, peer pool; finding peers again "
+            "after a partition heals)."
+        ),
+    ] = _REFRESH_INTERVAL_S,
+    max_contacts_per_ip: Annotated[
+        int, typer.Option(help="DHT contacts from one IP address (this host's own IP exempt).")
+    ] = OverlayConfig().max_contacts_per_ip,
     role: Annotated[
         str, typer.Option(help="peer; or server, or worker (with --server), the centralised mode.")
     ] = "peer",
@@ -196,6 +284,13 @@ def run(
         Path | None, typer.Option(help="Write the final model here (p2pml format).")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="Warnings and errors only on stderr.")] = False,
+    faults: Annotated[
+        Path | None,
+        typer.Option(
+            help="TOML fault plan (loss, delay, partitions...) injected into this peer's or "
+            "worker's traffic, for tests and chaos runs; re-read when the file changes."
+        ),
+    ] = None,
     config_file: ConfigOption = None,
     print_config: PrintConfigOption = False,
 ) -> None:
@@ -259,6 +354,11 @@ def run(
     except ConfigError as err:
         raise bad_flag(_FLAGS.get(err.field, err.field), err.value, err.allowed) from None
     shard_spec = parse_shard(shard)
+    aggregation = _aggregation(aggregate, trim, clip_radius, norm_filter)
+    try:
+        admission = Admission.load(run_key=run_key, allow_keys=allow_keys)
+    except ConfigError as err:
+        raise bad_flag(err.field, err.value, err.allowed) from None
     try:
         RunManifest.build(run_id, {}, [TensorSpec("check", "float32", (1,))])
     except ConfigError as err:
@@ -270,6 +370,8 @@ def run(
         advertise=advertise,
         bootstrap=parse_bootstrap(bootstrap),
         rpc_timeout=rpc_timeout,
+        refresh_interval=refresh_interval,
+        max_contacts_per_ip=max_contacts_per_ip,
         barrier=policy,
         sample=beta,
         staleness=staleness,
@@ -283,6 +385,8 @@ def run(
         heartbeat_interval_s=min(1.0, heartbeat_timeout / 4),
         server_timeout_s=server_timeout,
         checkpoint_every=checkpoint_every,
+        faults=_fault_plan(faults),
+        faults_file=None if faults is None else str(faults),
     )
     if print_config:  # every value is checked; nothing has started or been written
         show_config(ctx)
@@ -305,6 +409,8 @@ def run(
             seed=seed,
             shard=shard_spec,
             key_path=key,
+            aggregation=aggregation,
+            admission=admission,
         )
     except ConfigError as err:
         flag = {"dataset": "--dataset", "model": "--model", "run_id": "--run-id"}.get(

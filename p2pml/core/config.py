@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from p2pml.core.barrier import BarrierParams, get_policy, make_params
+from p2pml.core.limits import RateLimit
 from p2pml.core.types import Address
 from p2pml.errors import ConfigError
 
@@ -24,6 +25,7 @@ __all__ = [
 
 STEP_TIME_DISTRIBUTIONS: Final[tuple[str, ...]] = ("exponential", "gamma", "lognormal", "constant")
 DEFAULT_RPC_TIMEOUT_S: Final = 0.5
+MAX_DATAGRAM_BYTES: Final = 8192  # the DHT's largest datagram (protocol/dht.py checks it)
 SIM_ENGINES: Final[tuple[str, ...]] = ("fast", "exact")
 
 
@@ -182,6 +184,12 @@ class DataPlaneConfig:
         read_buffer_bytes: aiohttp's read buffer (its 64 KiB default pauses reading too often).
         receive_pool_bytes: large receive buffers kept for reuse (0 turns reuse off); a buffer is
             reused only once nothing refers to the message received into it.
+        peer_limit: requests and body bytes per second that one remote IP address may send
+            (429 beyond); its byte burst must hold the largest message.
+        max_requests_per_peer: requests of one remote IP address in progress at once (503 beyond).
+        max_requests: requests in progress at once from everyone (503 beyond).
+        max_limited_peers: remote addresses whose rate state is kept (least recent forgotten).
+        max_skew_s: how far a frame's timestamp may be from this node's clock.
     """
 
     listen: Address = field(default_factory=lambda: Address("127.0.0.1", 0))
@@ -196,6 +204,18 @@ class DataPlaneConfig:
     chunk_bytes: int = 4 << 20
     read_buffer_bytes: int = 4 << 20
     receive_pool_bytes: int = 512 << 20
+    peer_limit: RateLimit = field(
+        default_factory=lambda: RateLimit(
+            requests_per_s=500.0,
+            request_burst=1000.0,
+            bytes_per_s=float(4 << 30),
+            byte_burst=float(2 << 30),
+        )
+    )
+    max_requests_per_peer: int = 32
+    max_requests: int = 512
+    max_limited_peers: int = 4096
+    max_skew_s: float = 120.0
 
     def validate(self) -> DataPlaneConfig:
         """Return self, or raise `ConfigError` naming the first bad field, its value and range."""
@@ -205,6 +225,9 @@ class DataPlaneConfig:
             "max_connections_per_peer",
             "chunk_bytes",
             "read_buffer_bytes",
+            "max_requests_per_peer",
+            "max_requests",
+            "max_limited_peers",
         ):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 1, name, value, "an integer >= 1")
@@ -214,9 +237,18 @@ class DataPlaneConfig:
             "min_body_rate_bytes_per_s",
             "connect_timeout_s",
             "read_timeout_s",
+            "max_skew_s",
         ):
             value = getattr(self, name)
             _require(_is_finite(value) and value > 0, name, value, "a finite number > 0")
+        self.peer_limit.validate("peer_limit")
+        limit = self.peer_limit
+        _require(
+            limit.bytes_per_s == 0 or limit.byte_burst >= self.max_message_bytes,
+            "peer_limit.byte_burst",
+            limit.byte_burst,
+            f"at least max_message_bytes ({self.max_message_bytes}) when bytes are limited",
+        )
         _require(
             self.max_control_bytes <= self.max_message_bytes,
             "max_control_bytes",
@@ -255,6 +287,15 @@ class OverlayConfig:
         max_values_per_host: how many stored values one IP address may own.
         bootstrap_attempts: tries to reach the seeds before giving up.
         bootstrap_backoff_s: the first wait between tries; it doubles each time.
+        max_contacts_per_ip: contacts from one IP address (an IPv6 /64) in the routing table,
+            replacements included, in each lookup result and in the count behind N^; this node's
+            own IP is exempt (its neighbours on the same machine: `p2pml local`).
+        peer_limit: datagrams and bytes per second one source IP may send (replies to this
+            node's own requests are not counted); excess is dropped before decoding.
+        total_limit: the same for all sources together.
+        max_limited_peers: source addresses whose rate state is kept (least recent forgotten).
+        max_outstanding_requests: this node's requests awaiting a reply at once.
+        max_skew_s: how far an info record's timestamp may be from this node's clock.
     """
 
     listen: Address = field(default_factory=lambda: Address("127.0.0.1", 0))
@@ -275,6 +316,26 @@ class OverlayConfig:
     max_values_per_host: int = 32
     bootstrap_attempts: int = 5
     bootstrap_backoff_s: float = 0.5
+    max_contacts_per_ip: int = 3
+    peer_limit: RateLimit = field(
+        default_factory=lambda: RateLimit(
+            requests_per_s=200.0,
+            request_burst=400.0,
+            bytes_per_s=float(256 << 10),
+            byte_burst=float(512 << 10),
+        )
+    )
+    total_limit: RateLimit = field(
+        default_factory=lambda: RateLimit(
+            requests_per_s=5000.0,
+            request_burst=10000.0,
+            bytes_per_s=float(8 << 20),
+            byte_burst=float(16 << 20),
+        )
+    )
+    max_limited_peers: int = 4096
+    max_outstanding_requests: int = 4096
+    max_skew_s: float = 120.0
 
     def validate(self) -> OverlayConfig:
         """Return self, or raise `ConfigError` naming the first bad field, its value and range."""
@@ -289,6 +350,9 @@ class OverlayConfig:
             ("max_stored_values", 0),
             ("max_values_per_host", 0),
             ("bootstrap_attempts", 1),
+            ("max_contacts_per_ip", 1),
+            ("max_limited_peers", 1),
+            ("max_outstanding_requests", 1),
         ):
             value = getattr(self, name)
             _require(_is_int(value) and value >= low, name, value, f"an integer >= {low}")
@@ -298,6 +362,7 @@ class OverlayConfig:
             "lookup_timeout_s",
             "refresh_interval_s",
             "bootstrap_backoff_s",
+            "max_skew_s",
         ):
             value = getattr(self, name)
             _require(_is_finite(value) and value > 0, name, value, "a finite number > 0")
@@ -308,4 +373,12 @@ class OverlayConfig:
             self.refresh_after_join,
             "true or false",
         )
+        for name in ("peer_limit", "total_limit"):
+            limit = getattr(self, name).validate(name)
+            _require(
+                limit.bytes_per_s == 0 or limit.byte_burst >= MAX_DATAGRAM_BYTES,
+                f"{name}.byte_burst",
+                limit.byte_burst,
+                f"at least one datagram ({MAX_DATAGRAM_BYTES} bytes) when bytes are limited",
+            )
         return self

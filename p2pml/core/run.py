@@ -22,6 +22,7 @@ from typing import Final
 
 from p2pml.core.barrier import BarrierParams, make_params
 from p2pml.core.config import DataPlaneConfig, OverlayConfig, _is_finite, _is_int
+from p2pml.core.faults import FaultPlan
 from p2pml.core.sampling import SampleSize
 from p2pml.core.types import Address
 from p2pml.errors import ConfigError
@@ -178,6 +179,9 @@ class NodeConfig:
         server_timeout_s: (worker) how long a worker keeps retrying, with backoff, a server it
             cannot reach before it fails.
         checkpoint_every: (server) save the model every this many updates (0: never).
+        faults: a fault plan injected into this node's outgoing traffic (tests, chaos runs;
+            `p2pml/io/faults.py`); None: none. faults_file: the file it came from, re-read
+            when it changes so that a script can start and heal partitions at run time.
     """
 
     overlay: OverlayConfig = field(default_factory=OverlayConfig)
@@ -206,12 +210,16 @@ class NodeConfig:
     poll_s: float = 5.0
     server_timeout_s: float = 60.0
     checkpoint_every: int = 0
+    faults: FaultPlan | None = None
+    faults_file: str | None = None
 
     def validate(self) -> NodeConfig:
         """Return self, or raise `ConfigError` naming the first bad field, its value and range."""
         self.overlay.validate()
         self.data.validate()
         self.params()
+        if self.faults is not None:
+            self.faults.validate()
         for name, low in (
             ("min_peers", 0),
             ("full_delivery_max", 1),

@@ -25,7 +25,7 @@ import logging
 import os
 import random
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, Self
@@ -43,11 +43,20 @@ from p2pml.errors import (
     Refused,
     TransportError,
 )
-from p2pml.io.http import DataPlaneClient, DataPlaneServer, InfoValue
+from p2pml.io.faults import injector_for
+from p2pml.io.http import (
+    PLANE_CODES,
+    DataPlaneClient,
+    DataPlaneServer,
+    InfoValue,
+    loopback_source,
+)
 from p2pml.io.overlay import KademliaOverlay
+from p2pml.node.admission import warn_if_open
 from p2pml.node.metrics import NodeMetrics
 from p2pml.node.peers import RunPeers
 from p2pml.protocol import deltas as rules
+from p2pml.protocol.auth import Admission, Authenticator
 from p2pml.protocol.dht import Contact, StepReport
 from p2pml.protocol.identity import NodeKey
 from p2pml.protocol.messages import (
@@ -68,6 +77,11 @@ log = logging.getLogger(__name__)
 OFFLOAD_BYTES: Final = 1 << 20
 MAX_WAIT_RECORDS: Final = 10_000
 _UNKNOWN_SENDER_TTL_S: Final = 5.0
+MAX_SEEN_DELTAS: Final = 1 << 16
+"""(sender, step) pairs of accepted deltas remembered to refuse duplicates."""
+MAX_LOST_PEERS: Final = 256
+LOST_PEER_TTL_S: Final = 600.0
+"""How long a run peer that stopped answering is still probed (a partition may heal)."""
 
 
 async def ask_steps(
@@ -113,7 +127,14 @@ class StepInputs:
 
 
 class Node:
-    """A peer-mode node of one run. See the module docstring for the step protocol."""
+    """A peer-mode node of one run. See the module docstring for the step protocol.
+
+    Args:
+        key: the node's identity (a new one by default); it signs every frame the node sends.
+        rng: the node's randomness (samples, lookups); seeded from the OS by default.
+        admission: who may take part in the run (`p2pml.protocol.auth`); open by default, which
+            the node logs as a warning when it starts.
+    """
 
     def __init__(
         self,
@@ -122,15 +143,29 @@ class Node:
         *,
         key: NodeKey | None = None,
         rng: random.Random | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.config = config.validate()
         self.manifest = manifest
         self.key = key or NodeKey.generate()
+        self.admission = admission or Admission()
         self.rng = rng if rng is not None else random.Random(os.urandom(16))
-        self.overlay = KademliaOverlay(config.overlay, self.key, role="peer", rng=self.rng)
+        self.overlay = KademliaOverlay(
+            config.overlay, self.key, role="peer", rng=self.rng, admission=self.admission
+        )
+        self.faults = injector_for(config)  # tests and chaos runs only (io/faults.py)
         self.metrics = NodeMetrics(self)
-        self.server = DataPlaneServer(config.data, self, metrics=self.metrics.render)
-        self.client = DataPlaneClient(config.data)
+        self.auth = Authenticator(self.key, self.admission, max_skew_s=config.data.max_skew_s)
+        self.server = DataPlaneServer(
+            config.data,
+            self,
+            auth=self.auth,
+            metrics=self.metrics.render,
+            on_refusal=self._count_refusal,
+        )
+        self.client = DataPlaneClient(  # from its own address on loopback: peers tell nodes apart
+            config.data, auth=self.auth, bind_host=loopback_source(config.data.listen.host)
+        )
         self.peers = RunPeers(manifest, misses_to_forget=config.misses_to_forget)
         self.sync = SyncMachine(
             config.params(),
@@ -145,6 +180,8 @@ class Node:
         self._done = False
         self._queue: deque[DeltaPush] = deque()
         self._unknown: dict[PeerId, float] = {}
+        self._seen_deltas: OrderedDict[tuple[PeerId, int], None] = OrderedDict()
+        self._lost: OrderedDict[PeerId, tuple[Contact, float]] = OrderedDict()
         self._stack = contextlib.AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -154,6 +191,9 @@ class Node:
             await self._stack.enter_async_context(self.server)
             await self._stack.enter_async_context(self.client)
             await self._stack.enter_async_context(self.overlay)
+            if self.faults is not None:  # both planes; leaving cancels its delayed sends first
+                self.client = self.faults.attach(self.client, self.overlay, self.server.addr)
+                await self._stack.enter_async_context(self.faults)
             self.overlay.set_http(self._advertised_http())
             self.overlay.set_run(self.manifest.tag)
             if self.config.bootstrap:
@@ -171,6 +211,7 @@ class Node:
             self.server.addr,
             self.config.barrier,
         )
+        warn_if_open(self.admission, self.manifest.run_id)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -250,8 +291,16 @@ class Node:
             await asyncio.sleep(self.config.discover_interval_s)
 
     async def discover(self) -> int:
-        """Ask the contacts not yet known for their records; returns the live run peers."""
+        """Ask the contacts not yet known for their records, and the run peers that stopped
+        answering less than `LOST_PEER_TTL_S` ago (a healed partition or a restarted peer comes
+        back without waiting for a routing-table refresh); returns the live run peers."""
+        now = time.monotonic()
+        for peer, (_, lost_at) in list(self._lost.items()):
+            if self.peers.is_known(peer) or now - lost_at > LOST_PEER_TTL_S:
+                del self._lost[peer]
+        lost = [contact for contact, _ in self._lost.values()]
         candidates = [c for c in self._candidates() if not self.peers.is_known(c.peer_id)]
+        candidates += [c for c in lost if c not in candidates]
         gate = asyncio.Semaphore(16)
 
         async def one(contact: Contact) -> None:
@@ -348,8 +397,14 @@ class Node:
         return answers
 
     def _missed(self, peer: PeerId) -> None:
+        known = self.peers.peers.get(peer)
         if self.peers.missed(peer):
             self.overlay.membership.drop(peer)
+            if known is not None:  # probed again by `discover`, in case a partition heals
+                self._lost[peer] = (known.contact, time.monotonic())
+                self._lost.move_to_end(peer)
+                if len(self._lost) > MAX_LOST_PEERS:
+                    self._lost.popitem(last=False)
 
     # -- deltas out ------------------------------------------------------------------------------
     def weight(self) -> float:
@@ -395,8 +450,9 @@ class Node:
         except PeerRejected as err:
             self.counters[f"push_refused_{err.code}"] += 1
             log.warning("peer %s refused our delta of step %d: %s", peer.hex()[:8], msg.step, err)
-            if err.code in ("other_run", "not_in_run"):
+            if err.code in ("other_run", "not_admitted"):  # it will never take our deltas
                 self.peers.mark_done(peer)
+            # "not_in_run" is only for now: the peer has not discovered this node yet
         except (TransportError, TimeoutError) as err:
             self.counters["push_failed"] += 1
             log.warning("delta of step %d to %s failed: %s", msg.step, peer.hex()[:8], err)
@@ -405,16 +461,38 @@ class Node:
 
     # -- deltas in -------------------------------------------------------------------------------
     async def on_delta(self, msg: DeltaPush) -> Ack:
-        """Validate and queue a peer's delta (the data plane's handler); refusals are counted."""
+        """Validate and queue a peer's delta (the data plane's handler); refusals are counted.
+
+        A second delta of the same sender and step (a retried or duplicated push) is refused as
+        ``duplicate``: it would otherwise be applied twice."""
+        key = (msg.sender, msg.step)
         try:
-            await self._accept(msg)
+            if key in self._seen_deltas:
+                raise Refused(
+                    "duplicate",
+                    f"delta of step {msg.step} from {msg.sender.hex()[:8]} was received already",
+                )
+            self._seen_deltas[key] = None  # reserved now: a copy racing this one is refused
+            try:
+                await self._accept(msg)
+            except Refused:
+                del self._seen_deltas[key]
+                raise
         except Refused as err:
             self.counters["deltas_rejected"] += 1
             self.counters[f"rejected_{err.code}"] += 1
             raise
+        if len(self._seen_deltas) > MAX_SEEN_DELTAS:  # the oldest are long past the age limit
+            self._seen_deltas.popitem(last=False)
         self._queue.append(msg)
         self.counters["deltas_received"] += 1
         return Ack(self.manifest.tag, self.peer_id, msg.step)
+
+    def _count_refusal(self, path: str, code: str) -> None:
+        """Count a delta the data plane refused before `on_delta` saw it (seal, size, rate)."""
+        if path == "/v1/delta" and code in PLANE_CODES:
+            self.counters["deltas_rejected"] += 1
+            self.counters[f"rejected_{code}"] += 1
 
     async def _accept(self, msg: DeltaPush) -> None:
         why = self.manifest.mismatch(msg.run_id)

@@ -9,6 +9,14 @@ before they are queued; a single ``p2pml-apply`` thread adds them to the model i
 takes the snapshots served to workers, runs evaluations and writes checkpoints, so a snapshot or a
 checkpoint of version v always holds exactly the updates up to v.
 
+With an `AggregationConfig` other than the plain mean (issue 8), the apply thread screens every
+delta first (a non-finite one, or with the norm filter on, one whose norm is more than its factor
+times the median of the recently accepted ones, is dropped, counted as ``rejected_outlier`` and
+logged at most once per worker per 10 s) and combines the kept deltas of a BSP round of at least
+three by the rule (`protocol/aggregate.py`); the update keeps its total weight (the mean of the
+kept deltas for a BSP round, 1/P for a single delta). Smaller rounds and single deltas (the other
+barriers) go through unchanged: a rule needs a majority to outvote one hostile delta.
+
 The server never touches torch: the parameters are numpy arrays it updates in place (the training
 layer may hand it arrays that share memory with a torch model, to evaluate it). Its Prometheus
 metrics (`node/metrics.py`) are served at ``GET /metrics`` of its data plane.
@@ -19,15 +27,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final, ParamSpec, Self, TypeVar
+from typing import Any, Final, ParamSpec, Self, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -36,10 +45,13 @@ from p2pml.core.barrier import Decision
 from p2pml.core.run import NodeConfig, RunManifest
 from p2pml.core.types import PeerId
 from p2pml.errors import ConfigError, Refused
-from p2pml.io.http import ControlMessage, DataPlaneServer, InfoValue
+from p2pml.io.http import PLANE_CODES, ControlMessage, DataPlaneServer, InfoValue
 from p2pml.io.modelfile import save_checkpoint
+from p2pml.node.admission import warn_if_open
 from p2pml.node.metrics import ServerMetrics
 from p2pml.protocol import deltas as rules
+from p2pml.protocol.aggregate import AggregationConfig, Array, combine_group, delta_norm
+from p2pml.protocol.auth import Admission, Authenticator
 from p2pml.protocol.identity import NodeKey
 from p2pml.protocol.messages import (
     Ack,
@@ -62,6 +74,7 @@ log = logging.getLogger(__name__)
 OFFLOAD_BYTES: Final = 1 << 20
 CHECKPOINT_PREFIX: Final = "server"
 _TICK_S: Final = 0.1
+_WARN_EVERY_S: Final = 10.0  # at most one warning per worker this often about dropped deltas
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -116,6 +129,15 @@ class StalenessStats:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class _Dropped:
+    """A delta the apply thread dropped: its sender, step and norm."""
+
+    sender: PeerId
+    step: int
+    norm: float
+
+
 def _add_scaled(target: npt.NDArray[Any], delta: npt.NDArray[Any], weight: float) -> None:
     """target += weight * delta, in the target's dtype."""
     target += delta * np.asarray(weight, dtype=target.dtype)
@@ -132,6 +154,8 @@ class ParameterServer:
             accuracy of the model `params` describe.
         checkpoint_dir: where `config.checkpoint_every` writes checkpoints.
         on_update: called on the loop with each update's log line.
+        aggregation: how a BSP round's deltas are combined and which deltas are dropped (see
+            the module docstring); the plain mean by default.
     """
 
     def __init__(
@@ -143,12 +167,18 @@ class ParameterServer:
         version: int = 0,
         key: NodeKey | None = None,
         rng: random.Random | None = None,
+        admission: Admission | None = None,
         evaluate: Callable[[], float | None] | None = None,
         eval_every: int = 0,
         checkpoint_dir: Path | None = None,
         on_update: Callable[[UpdateLog], None] | None = None,
+        aggregation: AggregationConfig | None = None,
     ) -> None:
         self.config = config.validate()
+        self.aggregation = (aggregation or AggregationConfig()).validate()
+        self._gate = self.aggregation.norm_filter()  # the apply thread's only
+        self._dropped: deque[_Dropped] = deque()  # the apply thread appends, the loop counts
+        self._warned_at: dict[PeerId, float] = {}
         self.manifest = manifest
         rules.check_tensors(params, manifest.params, what="initial model")
         if any(not b.array.flags.writeable for b in params):
@@ -157,6 +187,8 @@ class ParameterServer:
             raise ConfigError("checkpoint_dir", None, "a folder when checkpoint_every > 0")
         self.params = tuple(params)
         self.key = key or NodeKey.generate()
+        self.admission = admission or Admission()
+        self.auth = Authenticator(self.key, self.admission, max_skew_s=config.data.max_skew_s)
         self.machine: ServerMachine[DeltaPush] = ServerMachine(
             config.params(),
             config.sample,
@@ -166,7 +198,14 @@ class ParameterServer:
             version=version,
         )
         self.metrics = ServerMetrics(self)
-        self.data = DataPlaneServer(config.data, self, control=self, metrics=self.metrics.render)
+        self.data = DataPlaneServer(
+            config.data,
+            self,
+            auth=self.auth,
+            control=self,
+            metrics=self.metrics.render,
+            on_refusal=self._count_refusal,
+        )
         self.evaluate, self.eval_every = evaluate, eval_every
         self.checkpoint_dir, self.on_update = checkpoint_dir, on_update
         self.counters: Counter[str] = Counter()
@@ -201,6 +240,7 @@ class ParameterServer:
             self.config.barrier,
             self.version,
         )
+        warn_if_open(self.admission, self.manifest.run_id)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -255,6 +295,7 @@ class ParameterServer:
             Exception: what an apply job raised (a bug: deltas are checked before they queue).
         """
         await self._run(lambda: None)
+        self._count_dropped()
         if self._failure is not None:
             raise self._failure
 
@@ -276,9 +317,53 @@ class ParameterServer:
         return await asyncio.wrap_future(self._submit(fn))
 
     def _apply(self, update: Apply[DeltaPush]) -> None:
+        if not self.aggregation.is_plain:
+            self._apply_robust(update)
+            return
         for msg in update.payloads:
             for param, blob in zip(self.params, msg.tensors, strict=True):
                 _add_scaled(param.array, blob.array, update.weight)
+
+    def _apply_robust(self, update: Apply[DeltaPush]) -> None:
+        """Screen the update's deltas, then add the kept ones, combined by the rule when there
+        are enough of them, with the update's total weight."""
+        kept: list[tuple[DeltaPush, list[Array]]] = []
+        for msg in update.payloads:
+            arrays = [cast(Array, b.array) for b in msg.tensors]  # model parameters: floats
+            norm = delta_norm(arrays)
+            if self._gate.admit_norm(norm) if self._gate is not None else math.isfinite(norm):
+                kept.append((msg, arrays))
+            else:
+                self._dropped.append(_Dropped(msg.sender, msg.step, norm))
+        if not kept:
+            return
+        weight = update.weight * len(update.payloads) / len(kept)  # each kept delta's share
+        combined = combine_group([a for _, a in kept], self.aggregation.rule)
+        if combined is not None:
+            for param, array in zip(self.params, combined, strict=True):
+                _add_scaled(param.array, array, weight * len(kept))
+            return
+        for msg, _ in kept:
+            for param, blob in zip(self.params, msg.tensors, strict=True):
+                _add_scaled(param.array, blob.array, weight)
+
+    def _count_dropped(self) -> None:
+        """On the loop: count and log (once per worker per 10 s) the deltas dropped so far."""
+        now = time.monotonic()
+        while self._dropped:
+            dropped = self._dropped.popleft()
+            self.counters["rejected_outlier"] += 1
+            if now - self._warned_at.get(dropped.sender, -math.inf) < _WARN_EVERY_S:
+                continue
+            self._warned_at[dropped.sender] = now
+            log.warning(
+                "dropped the delta of step %d from worker %s: its norm %.4g is out of line; "
+                "more from it are counted as rejected_outlier and logged every %.0f s",
+                dropped.step,
+                dropped.sender.hex()[:8],
+                dropped.norm,
+                _WARN_EVERY_S,
+            )
 
     def _copy(self) -> tuple[TensorBlob, ...]:
         return tuple(TensorBlob(b.name, b.array.copy()) for b in self.params)
@@ -286,6 +371,7 @@ class ParameterServer:
     # -- events ----------------------------------------------------------------------------------
     def _pump(self) -> None:
         """Act on what the machine decided: queue updates, release waiters, log evictions."""
+        self._count_dropped()
         for event in self.machine.drain_events():
             match event:
                 case Apply():
@@ -438,6 +524,12 @@ class ParameterServer:
                     self.machine.cancel(worker)
         state = self.machine.workers.get(worker)
         return self._status(step=state.step if state else step, proceed=proceed)
+
+    def _count_refusal(self, path: str, code: str) -> None:
+        """Count a delta the data plane refused before `on_delta` saw it (seal, size, rate)."""
+        if path == "/v1/delta" and code in PLANE_CODES:
+            self.counters["deltas_rejected"] += 1
+            self.counters[f"rejected_{code}"] += 1
 
     async def on_delta(self, msg: DeltaPush) -> Ack:
         """Check a worker's delta and queue it (the data plane's delta route)."""

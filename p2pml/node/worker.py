@@ -30,9 +30,11 @@ from typing import Final, Self, TypeVar
 from p2pml.core.run import NodeConfig, RunManifest
 from p2pml.core.types import Address, PeerId, Step
 from p2pml.errors import BarrierTimeout, PeerRejected, PeerUnreachable, TransportError
+from p2pml.io.faults import injector_for
 from p2pml.io.http import DataPlaneClient
 from p2pml.node.node import ModelSource, PushReport, StepInputs
 from p2pml.protocol import deltas as rules
+from p2pml.protocol.auth import Admission, Authenticator
 from p2pml.protocol.identity import NodeKey
 from p2pml.protocol.messages import (
     NO_VERSION,
@@ -67,13 +69,17 @@ class Worker:
         *,
         key: NodeKey | None = None,
         rng: random.Random | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.config = config.validate()
         self.manifest = manifest
         self.server = server
         self.key = key or NodeKey.generate()
+        self.admission = admission or Admission()
         self.rng = rng if rng is not None else random.Random(os.urandom(16))
-        self.client = DataPlaneClient(config.data)
+        self.auth = Authenticator(self.key, self.admission, max_skew_s=config.data.max_skew_s)
+        self.client = DataPlaneClient(config.data, auth=self.auth)
+        self.faults = injector_for(config)  # tests and chaos runs only (io/faults.py)
         self.counters: Counter[str] = Counter()
         self.last_loss: tuple[int, float] | None = None
         self.last_accuracy: tuple[int, float] | None = None
@@ -87,6 +93,9 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
         try:
+            if self.faults is not None:
+                self.client = self.faults.attach(self.client, None, self.config.data.listen)
+                await self._stack.enter_async_context(self.faults)
             await self._stack.enter_async_context(self.client)
             await self._register()
             group = await self._stack.enter_async_context(asyncio.TaskGroup())

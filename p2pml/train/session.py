@@ -5,6 +5,11 @@ node starts from the same parameters), derives the run manifest, then either tra
 peer-mode `Node` or a parameter server's `Worker` with a `Trainer` until the last step (`run`), or
 serves the model as the parameter server (`serve`), and optionally saves the final model.
 
+With an `AggregationConfig` other than the plain mean (``--aggregate``, ``--norm-filter``), a peer
+combines and screens the deltas it receives (`train/robust.py`) and a server the deltas of a BSP
+round (`node/server.py`); a worker's deltas are combined by its server, so a worker ignores it.
+It is a node's own defence, not part of the run manifest: nodes of one run may differ in it.
+
 A peer checkpoints its parameters, optimiser state and step every `checkpoint_every` steps and
 resumes from the newest usable checkpoint of a folder (`train/checkpoint.py`); the server resumes
 from its own checkpoints (`node/server.py`).
@@ -16,7 +21,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +34,8 @@ from p2pml.node.node import Node
 from p2pml.node.server import CHECKPOINT_PREFIX, ParameterServer, UpdateLog
 from p2pml.node.worker import Worker
 from p2pml.protocol import deltas as rules
+from p2pml.protocol.aggregate import AggregationConfig
+from p2pml.protocol.auth import Admission
 from p2pml.protocol.identity import NodeKey
 from p2pml.protocol.messages import TensorBlob
 from p2pml.train.checkpoint import Checkpoint, load_checkpoint
@@ -61,6 +68,8 @@ class Session:
     batch_size: int
     seed: int
     shard: tuple[int, int] | None
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    admission: Admission = field(default_factory=Admission)
 
     @classmethod
     def build(
@@ -77,12 +86,21 @@ class Session:
         seed: int = 0,
         shard: tuple[int, int] | None = None,
         key_path: Path | None = None,
+        aggregation: AggregationConfig | None = None,
+        admission: Admission | None = None,
     ) -> Session:
         """Load the data, build the model and the manifest.
 
+        Args:
+            aggregation: how a peer combines received deltas, or a server a BSP round's (the
+                plain mean by default).
+            admission: who may take part (`--run-key`, `--allow-keys`); open by default.
+
         Raises:
-            ConfigError: for an unknown model or data set, missing data, or a bad run ID.
+            ConfigError: for an unknown model or data set, missing data, a bad run ID or a bad
+                aggregation setting.
         """
+        aggregation = (aggregation or AggregationConfig()).validate()
         data = load_dataset(dataset, data_dir=data_dir, seed=seed)
         net = build_model(model, data.input_shape, data.n_classes, seed=seed)
         hyper: dict[str, HyperValue] = {
@@ -99,7 +117,19 @@ class Session:
         manifest = run_manifest(run_id, net, hyper)
         optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
         key = NodeKey.load_or_create(key_path) if key_path is not None else NodeKey.generate()
-        return cls(config, manifest, net, optimizer, data, key, batch_size, seed, shard)
+        return cls(
+            config,
+            manifest,
+            net,
+            optimizer,
+            data,
+            key,
+            batch_size,
+            seed,
+            shard,
+            aggregation,
+            admission or Admission(),
+        )
 
     async def run(
         self,
@@ -115,6 +145,7 @@ class Session:
         checkpoint_dir: Path | None = None,
         checkpoint_every: int | None = None,
         resume: Path | None = None,
+        trainer_class: type[Trainer] = Trainer,
     ) -> TrainResult:
         """Join, wait for `min_peers`, train `steps` steps, finish, and save the model; as a
         worker of the parameter server at `server` when it is given, else as a peer.
@@ -126,6 +157,8 @@ class Session:
             resume: continue a peer from the newest usable checkpoint in this folder, on the
                 batches it would have had without the break (unless the run is more than the
                 staleness bound ahead: then from the run's current model and step).
+            trainer_class: a `Trainer` subclass to train with (experiments, such as a peer that
+                misbehaves on purpose in benchmarks/byzantine.py).
 
         Raises:
             ConfigError: for `resume` with `server` (a worker continues from its server's model
@@ -148,15 +181,17 @@ class Session:
             log.info("checkpoint %s holds step %d", checkpoint.path, checkpoint.step)
         driver: Node | Worker
         if server is None:
-            driver = Node(self.config, self.manifest, key=self.key)
+            driver = Node(self.config, self.manifest, key=self.key, admission=self.admission)
         else:
-            driver = Worker(self.config, self.manifest, server, key=self.key)
+            driver = Worker(
+                self.config, self.manifest, server, key=self.key, admission=self.admission
+            )
         async with driver as node:
             if on_ready is not None:
                 on_ready(node)
             if self.config.min_peers and isinstance(node, Node):
                 await node.wait_for_peers(self.config.min_peers)
-            async with Trainer(
+            async with trainer_class(
                 node,
                 self.model,
                 self.optimizer,
@@ -165,6 +200,7 @@ class Session:
                 slow_s=slow_s,
                 checkpoint_dir=folder,
                 checkpoint_every=every,
+                aggregation=self.aggregation if server is None else None,  # see the docstring
             ) as trainer:
                 result = await trainer.train(
                     self._batches(node.peer_id),
@@ -243,10 +279,12 @@ class Session:
             params,
             version=version,
             key=self.key,
+            admission=self.admission,
             evaluate=lambda: accuracy(self.model, data),
             eval_every=eval_every,
             checkpoint_dir=checkpoint_dir,
             on_update=on_update,
+            aggregation=self.aggregation,
         ) as server:
             if on_ready is not None:
                 on_ready(server)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from p2pml.core.config import DataPlaneConfig, OverlayConfig
 from p2pml.core.run import NodeConfig, RunManifest
 from p2pml.core.types import Address
 from p2pml.io.overlaybench import loopback_host
 from p2pml.node.node import Node
+from p2pml.protocol.auth import Admission
+from p2pml.protocol.identity import NodeKey
 
 FAST_OVERLAY = OverlayConfig(
     rpc_timeout_s=0.3, stall_s=0.05, refresh_interval_s=3600.0, refresh_after_join=False
@@ -31,15 +33,25 @@ def node_config(index: int, **changes: object) -> NodeConfig:
 
 @contextlib.asynccontextmanager
 async def cluster(
-    n: int, manifest: RunManifest, *, first: int = 0, **changes: object
+    n: int,
+    manifest: RunManifest,
+    *,
+    first: int = 0,
+    keys: Sequence[NodeKey] | None = None,
+    admission: Admission | None = None,
+    **changes: object,
 ) -> AsyncIterator[list[Node]]:
-    """n nodes of one run joined through node 0, each knowing all others; closed in reverse."""
+    """n nodes of one run joined through node 0, each knowing all others; closed in reverse.
+
+    `keys` gives the nodes their keys (for an allowlist), `admission` closes the run."""
     async with contextlib.AsyncExitStack() as stack:
         nodes: list[Node] = []
         for i in range(n):
             boot = (nodes[0].overlay.addr,) if nodes else ()
             config = node_config(first + i, bootstrap=boot, **changes)
-            nodes.append(await stack.enter_async_context(Node(config, manifest)))
+            key = keys[i] if keys is not None else None
+            node = Node(config, manifest, key=key, admission=admission)
+            nodes.append(await stack.enter_async_context(node))
         for node in nodes:
             await node.wait_for_peers(n - 1, timeout_s=10)
         yield nodes

@@ -108,6 +108,22 @@ PRECEDENCE = [
         ("f.jsonl", "e.jsonl", "l.jsonl", "-"),
     ),
     ("--quiet", "quiet", "true", "0", ["--no-quiet"], (True, False, False, False)),
+    (
+        "--max-contacts-per-ip",
+        "max-contacts-per-ip",
+        "5",
+        "6",
+        ["--max-contacts-per-ip", "7"],
+        (5, 6, 7, 3),
+    ),
+    (
+        "--aggregate",
+        "aggregate",
+        '"median"',
+        "trimmed_mean",
+        ["--aggregate", "centered_clip"],
+        ("median", "trimmed_mean", "centered_clip", "mean"),
+    ),
 ]
 
 

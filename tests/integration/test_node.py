@@ -106,7 +106,7 @@ BAD_DELTAS = {
     "wrong dtype": ("dtype", {"0.bias": np.zeros(8, np.float64)}, {}),
     "NaN values": ("nonfinite", {"2.bias": np.array([0.0, np.nan, 1.0], np.float32)}, {}),
     "infinite values": ("nonfinite", {"0.bias": np.full(8, np.inf, np.float32)}, {}),
-    "sender outside the run": ("not_in_run", {}, {"sender": bytes(range(20))}),
+    "sender ID not its key": ("forged", {}, {"sender": bytes(range(20))}),
     "stale model version": ("stale", {}, {"step": 2}),
     "another manifest": ("other_run", {}, {"run_id": "bad-input@0123456789abcdef"}),
 }
@@ -133,6 +133,21 @@ async def test_bad_delta_is_refused_counted_and_never_reaches_the_model(case, ca
         assert "refused POST /v1/delta" in caplog.text
     for got, want in zip(model.parameters(), initial_params(), strict=True):
         assert torch.equal(got, want)
+
+
+async def test_delta_from_a_node_the_run_does_not_know_is_refused_not_in_run():
+    model = tiny_model()
+    manifest = run_manifest("bad-input", model, {"barrier": "pssp"})
+    async with (
+        cluster(2, manifest) as (_, receiver),
+        Node(node_config(7), manifest) as stranger,  # same manifest, never joined the DHT
+    ):
+        msg = DeltaPush(manifest.tag, stranger.peer_id, 0, 0, delta_like(model))
+        with pytest.raises(PeerRejected) as refused:
+            await stranger.client.push_delta(receiver.server.addr, msg)
+        assert refused.value.code == "not_in_run"
+        assert receiver.counters["rejected_not_in_run"] == 1
+        assert receiver.take_deltas() == []
 
 
 async def test_a_valid_delta_is_acknowledged_and_queued():
@@ -308,3 +323,29 @@ async def test_a_barrier_that_times_out_raises_and_the_next_wait_starts_afresh()
         behind.resume_at(3)
         record = await ahead.barrier(timeout_s=5)
         assert record.step == 3 and record.n_checks >= 1
+
+
+async def test_a_second_delta_of_the_same_sender_and_step_is_refused_as_duplicate():
+    model = tiny_model()
+    manifest = run_manifest("dup", model, {"barrier": "pssp"})
+    async with cluster(2, manifest) as (sender, receiver):
+        msg = DeltaPush(manifest.tag, sender.peer_id, 0, 0, delta_like(model))
+        await sender.client.push_delta(receiver.server.addr, msg)
+        with pytest.raises(PeerRejected) as refused:  # a new seal: not a replay, a duplicate
+            await sender.client.push_delta(receiver.server.addr, msg)
+        assert (refused.value.status, refused.value.code) == (409, "duplicate")
+        assert receiver.counters["rejected_duplicate"] == 1
+        assert len(receiver.take_deltas()) == 1
+        bad = DeltaPush(
+            manifest.tag,
+            sender.peer_id,
+            1,
+            0,
+            delta_like(model, **{"0.bias": np.full(8, np.nan, np.float32)}),
+        )
+        with pytest.raises(PeerRejected) as nonfinite:
+            await sender.client.push_delta(receiver.server.addr, bad)
+        assert nonfinite.value.code == "nonfinite"
+        good = DeltaPush(manifest.tag, sender.peer_id, 1, 0, delta_like(model))
+        await sender.client.push_delta(receiver.server.addr, good)  # a refused one reserves nothing
+        assert len(receiver.take_deltas()) == 1

@@ -21,9 +21,11 @@ from test_node import (
 
 from p2pml.core.types import Address
 from p2pml.errors import PeerRejected, PeerUnreachable
+from p2pml.io.http import DataPlaneClient
 from p2pml.io.modelfile import load_latest
 from p2pml.node.server import CHECKPOINT_PREFIX, ParameterServer
 from p2pml.node.worker import Worker
+from p2pml.protocol.auth import Authenticator
 from p2pml.protocol.identity import NodeKey
 from p2pml.protocol.messages import DeltaPush, Register, TensorBlob
 from p2pml.train.loop import Trainer
@@ -190,6 +192,7 @@ async def test_bad_deltas_are_refused_counted_and_never_reach_the_model(case, co
     async with (
         parameter_server(manifest, model, barrier="asp") as server,
         workers(1, manifest, server.data.addr) as (w,),
+        contextlib.AsyncExitStack() as stack,
     ):
         name = next(iter(dict(model.named_parameters())))
         shape = tuple(dict(model.named_parameters())[name].shape)
@@ -198,10 +201,14 @@ async def test_bad_deltas_are_refused_counted_and_never_reach_the_model(case, co
             "shape": {name: np.zeros((2, 2), dtype=np.float32)},
             "unregistered": {},
         }[case]
-        sender = NodeKey.generate().peer_id if case == "unregistered" else w.peer_id
+        client = w.client
+        if case == "unregistered":  # a valid key that never registered
+            stranger = Authenticator(NodeKey.generate())
+            client = await stack.enter_async_context(DataPlaneClient(w.config.data, auth=stranger))
+        sender = client.auth.key.peer_id
         msg = DeltaPush(manifest.tag, sender, 0, 0, bad_delta(model, sender, **overrides))
         with pytest.raises(PeerRejected) as info:
-            await w.client.push_delta(server.data.addr, msg)
+            await client.push_delta(server.data.addr, msg)
         assert info.value.code == code
         await server.flush()
         assert server.counters[f"rejected_{code}"] == 1
@@ -339,7 +346,10 @@ async def test_register_messages_of_another_run_never_enter_the_table():
     async with parameter_server(manifest, model) as server:
         async with workers(1, manifest, server.data.addr) as (w,):
             with pytest.raises(PeerRejected, match="in run 'else'"):
+                await w.client.control(server.data.addr, Register("else@0000", w.peer_id, 0))
+            with pytest.raises(PeerRejected) as forged:  # an ID that is not the sealing key's
                 await w.client.control(
-                    server.data.addr, Register("else@0000", NodeKey.generate().peer_id, 0)
+                    server.data.addr, Register(manifest.tag, NodeKey.generate().peer_id, 0)
                 )
+            assert forged.value.code == "forged"
         assert len(server.machine.workers) == 1
