@@ -24,6 +24,7 @@ import gc
 import json
 import logging
 import random
+import secrets
 import sys
 import time
 from collections import Counter
@@ -332,8 +333,11 @@ async def check_health(live: Live) -> list[str]:
     await probes.expect("step", h.overlay.step_of(contact), lambda s: s.step == t.step)
     await probes.expect("info", h.overlay.info(contact), lambda r: r.run == tag)
     t.take_deltas()  # as the target's training loop would, so the push is not refused as busy
-    ack = Ack(tag, t.peer_id, 0)
-    await probes.expect("push", h.client.push_delta(t.server.addr, delta(live)), ack.__eq__)
+    # a step no fuzzed delta used: a second delta of a sender's step is refused as a duplicate
+    fresh = (1 << 40) + secrets.randbelow(1 << 20)
+    ack = Ack(tag, t.peer_id, fresh)
+    push = h.client.push_delta(t.server.addr, delta(live, step=fresh, base_version=fresh))
+    await probes.expect("push", push, ack.__eq__)
     model = StaticModel().tensors
     await probes.expect(
         "pull",

@@ -96,11 +96,10 @@ METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 SHUTDOWN_GRACE_S: Final = 2.0
 """How long a stopping server lets requests in progress finish before it cancels them."""
 LINGER_S: Final = 1.0
+"""How long the server drains the unread rest of a refused body before it closes the connection."""
 WARN_INTERVAL_S: Final = 10.0
 """Refusals from one remote address are logged at most once per this interval."""
 MAX_WARNED_HOSTS: Final = 1024
-
-"""How long the server drains the unread rest of a refused body before it closes the connection."""
 InfoValue = str | int | float | bool | None
 BUSY_CODES: Final = frozenset({"queue_full", "no_model", "busy"})
 """Refusals answered 503: the peer may retry later."""
@@ -457,6 +456,12 @@ class DataPlaneServer:
         """The refusal of a request over its sender's rate or the caps on requests in progress."""
         host = request.remote or "unknown"
         cfg = self.config
+        if self._in_progress.total() >= cfg.max_requests:
+            return _Refusal(
+                503, "busy", f"{cfg.max_requests} requests are in progress already", close=True
+            )
+        if self._is_own(host):  # its neighbours on this machine (p2pml local): global caps only
+            return None
         if self._in_progress[host] >= cfg.max_requests_per_peer:
             return _Refusal(
                 503,
@@ -464,10 +469,6 @@ class DataPlaneServer:
                 f"{host} has {self._in_progress[host]} requests in progress; at most "
                 f"{cfg.max_requests_per_peer} are served at once",
                 close=True,
-            )
-        if self._in_progress.total() >= cfg.max_requests:
-            return _Refusal(
-                503, "busy", f"{cfg.max_requests} requests are in progress already", close=True
             )
         length = request.content_length or 0
         if length > cfg.max_message_bytes:
@@ -482,6 +483,19 @@ class DataPlaneServer:
             )
             return _Refusal(429, "rate_limited", f"{host} is over {allowed}", close=True)
         return None
+
+    def _is_own(self, host: str) -> bool:
+        """Whether requests from `host` come from this node's own address (per-peer limits
+        would count every node of a one-machine run as one peer)."""
+        own = self._addr.host if self._addr is not None else self.config.listen.host
+        if host == own:
+            return True
+        try:
+            return (
+                ipaddress.ip_address(own).is_unspecified and ipaddress.ip_address(host).is_loopback
+            )
+        except ValueError:
+            return False
 
     async def _serve(
         self, request: web.Request, answer: Callable[[], Awaitable[web.StreamResponse]]

@@ -40,6 +40,7 @@ from p2pml.errors import (
     OverlayError,
     P2PMLError,
     PeerRejected,
+    ProtocolError,
     Refused,
     TransportError,
 )
@@ -80,6 +81,8 @@ _UNKNOWN_SENDER_TTL_S: Final = 5.0
 MAX_SEEN_DELTAS: Final = 1 << 16
 """(sender, step) pairs of accepted deltas remembered to refuse duplicates."""
 MAX_LOST_PEERS: Final = 256
+MAX_LOST_PROBES: Final = 16
+"""Lost run peers probed per discovery round (each probe waits up to the RPC timeout)."""
 LOST_PEER_TTL_S: Final = 600.0
 """How long a run peer that stopped answering is still probed (a partition may heal)."""
 
@@ -298,7 +301,9 @@ class Node:
         for peer, (_, lost_at) in list(self._lost.items()):
             if self.peers.is_known(peer) or now - lost_at > LOST_PEER_TTL_S:
                 del self._lost[peer]
-        lost = [contact for contact, _ in self._lost.values()]
+        lost = [contact for contact, _ in self._lost.values()][:MAX_LOST_PROBES]
+        for contact in lost:  # the next round probes the others first
+            self._lost.move_to_end(contact.peer_id)
         candidates = [c for c in self._candidates() if not self.peers.is_known(c.peer_id)]
         candidates += [c for c in lost if c not in candidates]
         gate = asyncio.Semaphore(16)
@@ -448,11 +453,18 @@ class Node:
                 await self.client.push_delta(rp.http, msg)
             return True
         except PeerRejected as err:
+            if err.code == "duplicate":  # it has this delta already (an earlier try got there)
+                self.counters["push_duplicate"] += 1
+                return True
             self.counters[f"push_refused_{err.code}"] += 1
             log.warning("peer %s refused our delta of step %d: %s", peer.hex()[:8], msg.step, err)
             if err.code in ("other_run", "not_admitted"):  # it will never take our deltas
                 self.peers.mark_done(peer)
             # "not_in_run" is only for now: the peer has not discovered this node yet
+        except ProtocolError as err:  # its reply was malformed, or its seal failed our checks
+            self.counters["push_bad_reply"] += 1
+            log.warning("delta of step %d to %s: bad reply: %s", msg.step, peer.hex()[:8], err)
+            self._missed(peer)
         except (TransportError, TimeoutError) as err:
             self.counters["push_failed"] += 1
             log.warning("delta of step %d to %s failed: %s", msg.step, peer.hex()[:8], err)
@@ -475,8 +487,8 @@ class Node:
             self._seen_deltas[key] = None  # reserved now: a copy racing this one is refused
             try:
                 await self._accept(msg)
-            except Refused:
-                del self._seen_deltas[key]
+            except BaseException:  # refused, failed or cancelled: a retry may still come
+                self._seen_deltas.pop(key, None)
                 raise
         except Refused as err:
             self.counters["deltas_rejected"] += 1

@@ -29,7 +29,13 @@ from typing import Final, Self, TypeVar
 
 from p2pml.core.run import NodeConfig, RunManifest
 from p2pml.core.types import Address, PeerId, Step
-from p2pml.errors import BarrierTimeout, PeerRejected, PeerUnreachable, TransportError
+from p2pml.errors import (
+    BarrierTimeout,
+    PeerRejected,
+    PeerUnreachable,
+    ProtocolError,
+    TransportError,
+)
 from p2pml.io.faults import injector_for
 from p2pml.io.http import DataPlaneClient
 from p2pml.node.node import ModelSource, PushReport, StepInputs
@@ -207,7 +213,7 @@ class Worker:
             try:
                 async with asyncio.timeout(self.config.heartbeat_timeout_s):
                     await self._send(msg)
-            except (TransportError, TimeoutError) as err:
+            except (TransportError, ProtocolError, TimeoutError) as err:
                 log.debug("heartbeat to %s failed: %s", self.server, err)  # calls retry
 
     # -- the step protocol -----------------------------------------------------------------------

@@ -97,9 +97,18 @@ class AggregationRule:
         return self
 
 
+_NORM_CHUNK: Final = 1 << 20  # elements cast to float64 at a time
+
+
 def delta_norm(delta: Delta) -> float:
     """The L2 norm of a whole delta (all its arrays as one vector)."""
-    return math.sqrt(sum(float(np.vdot(a, a).real) for a in delta))
+    total = 0.0
+    for a in delta:  # summed in float64: a float16 delta's squares overflow in its own dtype
+        flat = np.asarray(a).reshape(-1)
+        for start in range(0, flat.size, _NORM_CHUNK):
+            part = flat[start : start + _NORM_CHUNK].astype(np.float64)
+            total += float(np.dot(part, part))
+    return math.sqrt(total)
 
 
 def _check(deltas: Sequence[Delta]) -> None:

@@ -18,8 +18,11 @@ form, the clock (the timestamp within `max_skew_s` of its own), the key's bindin
 `sender` and the signature, admission, and that the nonce is new: a replayed frame is refused.
 
 Seen nonces are kept until their timestamp leaves the skew window, and at most `max_nonces` of them:
-when the table is full, the oldest are forgotten and frames no newer than the newest forgotten one
-are refused as expired, so memory stays bounded without letting a replay through.
+when the table is full, the one with the oldest timestamp is forgotten and frames stamped no later
+than it are refused as replays, so memory stays bounded without letting a replay through (a flood
+of more than `max_nonces` frames within the window costs the oldest-stamped senders a refusal).
+The seal is not encryption and names no recipient: a frame captured on the wire can be shown to
+another member of the run within the window (each node refuses it only once it has seen it).
 
 Must not import asyncio, sockets, threads, time, module-level random, logging configuration or
 torch.
@@ -28,10 +31,10 @@ torch.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import math
 import struct
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
@@ -267,7 +270,8 @@ class ReplayGuard:
         self.admission = admission
         self.max_skew_s = max_skew_s
         self.max_nonces = max_nonces
-        self._seen: OrderedDict[bytes, float] = OrderedDict()  # nonce -> timestamp, oldest first
+        self._seen: dict[bytes, float] = {}  # nonce -> timestamp
+        self._by_stamp: list[tuple[float, bytes]] = []  # a heap: the oldest stamp first
         self._floor_s = -math.inf  # frames stamped at or before this are refused
 
     def __len__(self) -> int:
@@ -309,16 +313,22 @@ class ReplayGuard:
 
     def _remember(self, sealed: Seal, who: str, now_unix_s: float) -> None:
         horizon = now_unix_s - self.max_skew_s
-        while self._seen:
-            nonce, stamp = next(iter(self._seen.items()))
-            if stamp >= horizon:
-                break
+        while self._by_stamp and self._by_stamp[0][0] < horizon:  # out of the window for good
+            _, nonce = heapq.heappop(self._by_stamp)
             del self._seen[nonce]
-        if sealed.nonce in self._seen or sealed.timestamp_s <= self._floor_s:
+        if sealed.nonce in self._seen:
             raise Refused("replayed", f"frame from {who}: nonce {sealed.nonce.hex()} seen before")
+        if sealed.timestamp_s <= self._floor_s:
+            raise Refused(
+                "replayed",
+                f"frame from {who}: stamped before the oldest nonce this node still remembers "
+                f"(too many frames within {self.max_skew_s:.0f} s to tell)",
+            )
         self._seen[sealed.nonce] = sealed.timestamp_s
-        if len(self._seen) > self.max_nonces:
-            _, stamp = self._seen.popitem(last=False)
+        heapq.heappush(self._by_stamp, (sealed.timestamp_s, sealed.nonce))
+        if len(self._seen) > self.max_nonces:  # forget the oldest stamp; refuse anything older
+            stamp, nonce = heapq.heappop(self._by_stamp)
+            del self._seen[nonce]
             self._floor_s = max(self._floor_s, stamp)
 
 

@@ -43,10 +43,13 @@ def test_bench_transport_writes_a_push_row_with_a_pair_ratio(tmp_path):
     out = tmp_path / "transport.json"
     proc = p2pml("bench", "transport", "--size-mb", "4", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
-    (row,) = json.loads(out.read_text())["rows"]
+    row, sealed = json.loads(out.read_text())["rows"]
     assert row["metric"] == "push" and row["pairs"] == 15
     assert row["baseline"] == "asyncio BufferedProtocol"
     assert row["ratio"] > 0
+    assert sealed["metric"] == "sealed push" and sealed["baseline"] == "unsealed push"
+    assert sealed["baseline_gbps"] == row["gbps"] and sealed["target"] == 0.75
+    assert sealed["ratio"] > 0
     assert "peak memory growth" in proc.stdout
 
 

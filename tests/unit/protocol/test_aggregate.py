@@ -195,3 +195,8 @@ def test_the_norm_filter_is_armed_by_trusted_norms():
     gate.observe(float("nan"))  # ignored
     assert gate.limit == 10.0
     assert gate.admit_norm(9.0) and not gate.admit_norm(11.0)
+
+
+def test_delta_norm_of_float16_does_not_overflow():
+    big = np.full(1_000_000, 0.3, dtype=np.float16)
+    assert delta_norm([big]) == pytest.approx(300.0, rel=1e-3)

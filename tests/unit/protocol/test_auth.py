@@ -153,3 +153,17 @@ def test_load_reads_secrets_and_allowlists_and_names_bad_input(tmp_path):
     listing.write_text("# only a comment\n")
     with pytest.raises(ConfigError, match="at least one"):
         Admission.load(run_key=None, allow_keys=listing)
+
+
+def test_an_overflow_forgets_the_oldest_stamp_not_the_first_arrival():
+    key = NodeKey.generate()
+    guard = ReplayGuard(Admission(), max_nonces=8)
+    early = sealed(key, Admission(), b"f", at=NOW + 100)  # a fast clock, within the skew
+    guard.check(early, digest_of(b"f"), sender=key.peer_id, now_unix_s=NOW)
+    for i in range(20):  # honest frames stamped before it, arriving after it
+        t = sealed(key, Admission(), b"f", at=NOW + 1 + i)
+        guard.check(t, digest_of(b"f"), sender=key.peer_id, now_unix_s=NOW + 21)
+    assert len(guard) == 8
+    assert code_of(guard, early, b"f", key.peer_id, now=NOW + 21) == "replayed"  # still known
+    fresh = sealed(key, Admission(), b"f", at=NOW + 22)
+    guard.check(fresh, digest_of(b"f"), sender=key.peer_id, now_unix_s=NOW + 22)

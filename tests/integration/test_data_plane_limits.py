@@ -12,6 +12,7 @@ import pytest
 from test_http import FAST, PEER, Handler, delta
 
 from p2pml.core.limits import RateLimit
+from p2pml.core.types import Address
 from p2pml.errors import PeerRejected, WireFormatError
 from p2pml.io.http import DataPlaneClient, DataPlaneServer
 from p2pml.protocol.auth import Authenticator
@@ -20,15 +21,23 @@ from p2pml.protocol.messages import Ack, DeltaPush, TensorBlob
 
 pytestmark = pytest.mark.integration
 
+SERVED = dataclasses.replace(FAST, listen=Address("127.0.0.2", 0))
+"""The server on 127.0.0.2 and clients from 127.0.0.3: requests from a node's own address are
+exempt from per-peer limits."""
+
+
+def client(config=FAST) -> DataPlaneClient:
+    return DataPlaneClient(config, bind_host="127.0.0.3")
+
 
 async def test_requests_over_a_peers_rate_are_refused_429_and_counted():
-    config = dataclasses.replace(FAST, peer_limit=RateLimit(requests_per_s=0.01, request_burst=3))
+    config = dataclasses.replace(SERVED, peer_limit=RateLimit(requests_per_s=0.01, request_burst=3))
     handler = Handler()
-    async with DataPlaneServer(config, handler) as server, DataPlaneClient(FAST) as client:
+    async with DataPlaneServer(config, handler) as server, client() as peer:
         for step in range(3):
-            await client.push_delta(server.addr, delta(step))
+            await peer.push_delta(server.addr, delta(step))
         with pytest.raises(PeerRejected) as refused:
-            await client.push_delta(server.addr, delta(9))
+            await peer.push_delta(server.addr, delta(9))
         assert (refused.value.status, refused.value.code) == (429, "rate_limited")
         assert server.rejections["rate_limited"] == 1
         assert [m.step for m in handler.deltas] == [0, 1, 2]
@@ -37,13 +46,13 @@ async def test_requests_over_a_peers_rate_are_refused_429_and_counted():
 async def test_bytes_over_a_peers_rate_are_refused_before_the_body_is_read():
     limit = RateLimit(requests_per_s=100, request_burst=100, bytes_per_s=1.0, byte_burst=12_000)
     config = dataclasses.replace(
-        FAST, peer_limit=limit, max_message_bytes=12_000, max_control_bytes=4096
+        SERVED, peer_limit=limit, max_message_bytes=12_000, max_control_bytes=4096
     )
     handler = Handler()
-    async with DataPlaneServer(config, handler) as server, DataPlaneClient(FAST) as client:
-        await client.push_delta(server.addr, delta(1, n=2000))  # about 8 KB of the 12 KB burst
+    async with DataPlaneServer(config, handler) as server, client() as peer:
+        await peer.push_delta(server.addr, delta(1, n=2000))  # about 8 KB of the 12 KB burst
         with pytest.raises(PeerRejected) as refused:
-            await client.push_delta(server.addr, delta(2, n=2000))
+            await peer.push_delta(server.addr, delta(2, n=2000))
         assert refused.value.code == "rate_limited"
         assert "bytes/s" in str(refused.value)
         assert len(handler.deltas) == 1
@@ -65,18 +74,24 @@ class StallingHandler(Handler):
 
 
 async def test_requests_in_progress_are_capped_per_peer_with_503_busy():
-    config = dataclasses.replace(FAST, max_requests_per_peer=2, read_timeout_s=5.0)
+    config = dataclasses.replace(SERVED, max_requests_per_peer=2, read_timeout_s=5.0)
     handler = StallingHandler(2)
-    async with DataPlaneServer(config, handler) as server, DataPlaneClient(FAST) as client:
-        hanging = [asyncio.create_task(client.push_delta(server.addr, delta(i))) for i in (1, 2)]
+    async with (
+        DataPlaneServer(config, handler) as server,
+        client() as peer,
+        DataPlaneClient(FAST, bind_host="127.0.0.2") as own,
+    ):
+        hanging = [asyncio.create_task(peer.push_delta(server.addr, delta(i))) for i in (1, 2)]
+        hanging.append(asyncio.create_task(own.push_delta(server.addr, delta(4))))
+        handler.n = 3  # the server's own address is not held to the per-peer cap
         try:
             async with asyncio.timeout(5):
                 await handler.entered.wait()
             with pytest.raises(PeerRejected) as refused:
-                await client.push_delta(server.addr, delta(3))
+                await peer.push_delta(server.addr, delta(3))
             assert (refused.value.status, refused.value.code) == (503, "busy")
             assert server.rejections["busy"] == 1
-            assert handler.inside == 2  # the third never reached the handler
+            assert handler.inside == 3  # the third from 127.0.0.3 never reached the handler
         finally:
             for task in hanging:
                 task.cancel()
