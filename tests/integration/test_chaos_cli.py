@@ -56,8 +56,8 @@ def test_chaos_spread_leaves_out_a_node_once_it_is_killed():
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_chaos_script_small_run_reports_every_phase_and_its_expectations(tmp_path):
-    # No random loss here (a delay and the partition only): with loss, p2pml at present can
-    # leave a joining node without one of its peers until the next overlay refresh (60 s).
+    # No random loss here (a delay and the partition only): this small run checks the script and
+    # the phases; the lossy must-shows are the full benchmark's (benchmarks/chaos.py).
     out = tmp_path / "chaos"
     args = [
         "--part", "chaos", "--nodes", "4", "--kill", "3", "--dataset", "digits", "--loss", "0",
