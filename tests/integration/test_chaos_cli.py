@@ -62,8 +62,8 @@ def test_chaos_script_small_run_reports_every_phase_and_its_expectations(tmp_pat
     args = [
         "--part", "chaos", "--nodes", "4", "--kill", "3", "--dataset", "digits", "--loss", "0",
         "--node-slow-s", "0.05", "--checkpoint-every", "5", "--chaos-eval-every", "20",
-        "--warmup-s", "3", "--down-s", "2", "--settle-s", "4", "--plan-lead-s", "2",
-        "--partition-s", "5", "--heal-s", "6", "--tail-s", "3", "--end-timeout-s", "60",
+        "--warmup-s", "2", "--down-s", "1.5", "--settle-s", "3", "--plan-lead-s", "1.5",
+        "--partition-s", "4", "--heal-s", "4", "--tail-s", "2", "--end-timeout-s", "60",
     ]  # fmt: skip
     done = subprocess.run(
         [sys.executable, str(SCRIPT), *args, "--out", str(out)],
