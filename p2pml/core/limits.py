@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 
 from p2pml.errors import ConfigError
 
-__all__ = ["RateLimit", "RateLimiter", "TokenBucket"]
+__all__ = ["RateLimit", "RateLimiter", "TokenBucket", "WarnGate"]
 
 K = TypeVar("K")
 
@@ -120,3 +120,26 @@ class RateLimiter(Generic[K]):
                 requests.give(1)
             return "bytes"
         return None
+
+
+class WarnGate(Generic[K]):
+    """Whether to log a warning about `key` now: at most once per `interval_s` per key, for at
+    most `max_keys` keys (least recently warned forgotten), counting the ones held back."""
+
+    def __init__(self, interval_s: float, *, max_keys: int = 4096) -> None:
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._last: OrderedDict[K, tuple[float, int]] = OrderedDict()  # key -> (at, held back)
+
+    def open(self, key: K, *, now: float) -> int | None:
+        """None to hold this warning back; else how many about `key` were held back since the
+        last one let through (0 for the first)."""
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.interval_s:
+            self._last[key] = (last[0], last[1] + 1)
+            return None
+        self._last[key] = (now, 0)
+        self._last.move_to_end(key)
+        if len(self._last) > self.max_keys:
+            self._last.popitem(last=False)
+        return 0 if last is None else last[1]

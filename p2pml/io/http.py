@@ -35,7 +35,7 @@ import logging
 import re
 import secrets
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Final, Protocol, Self
@@ -46,7 +46,7 @@ import numpy.typing as npt
 from aiohttp import web
 
 from p2pml.core.config import DataPlaneConfig
-from p2pml.core.limits import RateLimiter
+from p2pml.core.limits import RateLimiter, WarnGate
 from p2pml.core.types import Address
 from p2pml.errors import (
     ConfigError,
@@ -151,23 +151,20 @@ class _ParserNoise(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._last_at = -WARN_INTERVAL_S
-        self._suppressed = 0
+        self._gate = WarnGate[None](WARN_INTERVAL_S)
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, aiohttp.http_exceptions.HttpProcessingError):
             return True
-        now = time.monotonic()
-        if now - self._last_at < WARN_INTERVAL_S:
-            self._suppressed += 1
+        held = self._gate.open(None, now=time.monotonic())
+        if held is None:
             return False
-        more = f"; {self._suppressed} more since the last warning" if self._suppressed else ""
+        more = f"; {held} more since the last warning" if held else ""
         record.msg = f"{record.getMessage()}: not valid HTTP ({exc}){more}"
         record.args = ()
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.exc_info, record.exc_text = None, None
-        self._last_at, self._suppressed = now, 0
         return True
 
 
@@ -346,7 +343,7 @@ class DataPlaneServer:
         self.limits = limits or _wire_limits(config)
         self.rate = RateLimiter[str](config.peer_limit, max_keys=config.max_limited_peers)
         self._in_progress: Counter[str] = Counter()
-        self._warned: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._warned = WarnGate[str](WARN_INTERVAL_S, max_keys=MAX_WARNED_HOSTS)
         self.rejections: Counter[str] = Counter()
         self.bytes_in: Counter[str] = Counter()
         self.bytes_out: Counter[str] = Counter()
@@ -548,16 +545,10 @@ class DataPlaneServer:
         """One WARNING per remote address per `WARN_INTERVAL_S`, saying how many more were
         refused in between (a flood of bad requests must not become a flood of log lines)."""
         host = request.remote or "unknown"
-        now = time.monotonic()
-        last = self._warned.get(host)
-        if last is not None and now - last[0] < WARN_INTERVAL_S:
-            self._warned[host] = (last[0], last[1] + 1)
+        held = self._warned.open(host, now=time.monotonic())
+        if held is None:
             return
-        self._warned[host] = (now, 0)
-        self._warned.move_to_end(host)
-        if len(self._warned) > MAX_WARNED_HOSTS:
-            self._warned.popitem(last=False)
-        more = f" ({last[1]} more refused since the last warning)" if last and last[1] else ""
+        more = f" ({held} more refused since the last warning)" if held else ""
         log.warning(
             "refused %s %s from %s: %s %s%s",
             request.method,

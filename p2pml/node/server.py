@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import random
 import time
@@ -42,6 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from p2pml.core.barrier import Decision
+from p2pml.core.limits import WarnGate
 from p2pml.core.run import NodeConfig, RunManifest
 from p2pml.core.types import PeerId
 from p2pml.errors import ConfigError, Refused
@@ -50,7 +50,13 @@ from p2pml.io.modelfile import save_checkpoint
 from p2pml.node.admission import warn_if_open
 from p2pml.node.metrics import ServerMetrics
 from p2pml.protocol import deltas as rules
-from p2pml.protocol.aggregate import AggregationConfig, Array, combine_group, delta_norm
+from p2pml.protocol.aggregate import (
+    AggregationConfig,
+    Array,
+    admits,
+    combine_group,
+    delta_norm,
+)
 from p2pml.protocol.auth import Admission, Authenticator
 from p2pml.protocol.identity import NodeKey
 from p2pml.protocol.messages import (
@@ -178,7 +184,7 @@ class ParameterServer:
         self.aggregation = (aggregation or AggregationConfig()).validate()
         self._gate = self.aggregation.norm_filter()  # the apply thread's only
         self._dropped: deque[_Dropped] = deque()  # the apply thread appends, the loop counts
-        self._warned_at: dict[PeerId, float] = {}
+        self._warned = WarnGate[PeerId](_WARN_EVERY_S)
         self.manifest = manifest
         rules.check_tensors(params, manifest.params, what="initial model")
         if any(not b.array.flags.writeable for b in params):
@@ -331,7 +337,7 @@ class ParameterServer:
         for msg in update.payloads:
             arrays = [cast(Array, b.array) for b in msg.tensors]  # model parameters: floats
             norm = delta_norm(arrays)
-            if self._gate.admit_norm(norm) if self._gate is not None else math.isfinite(norm):
+            if admits(self._gate, norm):
                 kept.append((msg, arrays))
             else:
                 self._dropped.append(_Dropped(msg.sender, msg.step, norm))
@@ -353,9 +359,8 @@ class ParameterServer:
         while self._dropped:
             dropped = self._dropped.popleft()
             self.counters["rejected_outlier"] += 1
-            if now - self._warned_at.get(dropped.sender, -math.inf) < _WARN_EVERY_S:
+            if self._warned.open(dropped.sender, now=now) is None:
                 continue
-            self._warned_at[dropped.sender] = now
             log.warning(
                 "dropped the delta of step %d from worker %s: its norm %.4g is out of line; "
                 "more from it are counted as rejected_outlier and logged every %.0f s",

@@ -47,6 +47,7 @@ __all__ = [
     "AggregationRule",
     "Array",
     "NormFilter",
+    "admits",
     "combine",
     "combine_group",
     "delta_norm",
@@ -95,6 +96,11 @@ class AggregationRule:
         if isinstance(self.iterations, bool) or not self.iterations >= 1:
             raise ConfigError("iterations", self.iterations, "a whole number >= 1")
         return self
+
+
+def admits(gate: NormFilter | None, norm: float) -> bool:
+    """Whether a delta of `norm` is kept: by the filter `gate`, or without one, when finite."""
+    return gate.admit_norm(norm) if gate is not None else math.isfinite(norm)
 
 
 _NORM_CHUNK: Final = 1 << 20  # elements cast to float64 at a time

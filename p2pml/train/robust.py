@@ -25,7 +25,6 @@ runs on the event loop after each compute job, so the driver's counters are only
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,8 +32,15 @@ from typing import Final, cast
 
 import torch
 
+from p2pml.core.limits import WarnGate
 from p2pml.core.types import PeerId
-from p2pml.protocol.aggregate import AggregationConfig, Array, combine_group, delta_norm
+from p2pml.protocol.aggregate import (
+    AggregationConfig,
+    Array,
+    admits,
+    combine_group,
+    delta_norm,
+)
 from p2pml.protocol.messages import DeltaPush, TensorBlob
 from p2pml.train.tensors import as_tensor
 
@@ -78,7 +84,7 @@ class RobustAggregator:
         self._gate = config.norm_filter()
         self._own: list[Array] | None = None
         self._dropped: deque[Dropped] = deque()  # the compute thread appends, the loop pops
-        self._warned_at: dict[PeerId, float] = {}
+        self._warned = WarnGate[PeerId](WARN_EVERY_S, max_keys=_MAX_WARNED)
 
     # -- compute thread --------------------------------------------------------------------------
     def own_change(self, blobs: Sequence[TensorBlob]) -> None:
@@ -110,7 +116,7 @@ class RobustAggregator:
         gate = self._gate
         for msg in deltas:
             norm = delta_norm(_arrays(msg.tensors))
-            if gate.admit_norm(norm) if gate is not None else math.isfinite(norm):
+            if admits(gate, norm):
                 kept.append(msg)
             else:
                 limit = None if gate is None else gate.limit
@@ -130,11 +136,8 @@ class RobustAggregator:
             dropped = self._dropped.popleft()
             out.append(dropped)
             counters["rejected_outlier"] += 1
-            if now - self._warned_at.get(dropped.sender, -math.inf) < WARN_EVERY_S:
+            if self._warned.open(dropped.sender, now=now) is None:
                 continue
-            if len(self._warned_at) >= _MAX_WARNED:
-                self._warned_at.clear()
-            self._warned_at[dropped.sender] = now
             log.warning(
                 "dropped the delta of step %d from %s: its norm %.4g is out of line (limit %s); "
                 "more from it are counted as rejected_outlier and logged every %.0f s",

@@ -19,7 +19,7 @@ from collections.abc import KeysView
 from typing import Final
 
 from p2pml.core.config import OverlayConfig
-from p2pml.core.limits import RateLimiter
+from p2pml.core.limits import RateLimiter, WarnGate
 from p2pml.core.types import Address, PeerId, Step
 from p2pml.errors import ConfigError, Refused, WireFormatError
 from p2pml.io.overlay.kad import (
@@ -85,7 +85,7 @@ class DhtEndpoint:
         self._verifying: dict[Address, asyncio.Future[None]] = {}
         self._silent: OrderedDict[Contact, float] = OrderedDict()
         self._strangers: OrderedDict[Contact, float] = OrderedDict()
-        self._last_warn: OrderedDict[str, float] = OrderedDict()
+        self._warned = WarnGate[str](WARN_INTERVAL_S, max_keys=MAX_WARNED_HOSTS)
         self._per_host = RateLimiter[str](config.peer_limit, max_keys=config.max_limited_peers)
         self._total = RateLimiter[None](config.total_limit, max_keys=1)
 
@@ -143,12 +143,7 @@ class DhtEndpoint:
     def reject(self, reason: str, host: str, err: object) -> None:
         """Count a rejected input and warn about it at most once per host per interval."""
         self.counters[reason] += 1
-        now = time.monotonic()
-        if now - self._last_warn.get(host, -WARN_INTERVAL_S) >= WARN_INTERVAL_S:
-            self._last_warn[host] = now
-            self._last_warn.move_to_end(host)
-            while len(self._last_warn) > MAX_WARNED_HOSTS:
-                self._last_warn.popitem(last=False)
+        if self._warned.open(host, now=time.monotonic()) is not None:
             log.warning("dropped input from %s (%s): %s", host, reason, err)
 
     def admit_datagram(self, n_bytes: int, host: str) -> bool:

@@ -110,12 +110,16 @@ def test_decide_other_seed_gives_another_sequence(rng_seed):
     ),
     seed=st.integers(0, 2**32),
 )
-def test_decide_verdict_is_a_drop_or_one_or_two_delays_of_at_least_delay_s(plan, seed):
+def test_decide_drops_and_duplicates_as_its_seeded_draws_say(plan, seed):
     verdict = decide(plan.validate(), random.Random(seed), src=A, dst=B, now_unix_s=0.0)
-    if verdict.drop:
+    replay = random.Random(seed)  # the documented draw order: loss, then duplicate
+    lost = replay.random() < plan.loss
+    assert verdict.drop == lost
+    if lost:
         assert verdict.delays_s == ()
     else:
-        assert 1 <= len(verdict.delays_s) <= 2
+        duplicated = replay.random() < plan.duplicate
+        assert len(verdict.delays_s) == (2 if duplicated else 1)
         assert all(d >= plan.delay_s and math.isfinite(d) for d in verdict.delays_s)
 
 

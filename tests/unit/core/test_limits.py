@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from p2pml.core.limits import RateLimit, RateLimiter, TokenBucket
+from p2pml.core.limits import RateLimit, RateLimiter, TokenBucket, WarnGate
 from p2pml.errors import ConfigError
 
 
@@ -53,3 +53,14 @@ def test_zero_rates_mean_no_limit():
 def test_bad_limits_name_the_field(limit):
     with pytest.raises(ConfigError):
         limit.validate()
+
+
+def test_warn_gate_lets_one_warning_per_key_per_interval_and_counts_the_rest():
+    gate = WarnGate[str](10.0, max_keys=2)
+    assert gate.open("a", now=0.0) == 0
+    assert gate.open("a", now=5.0) is None
+    assert gate.open("a", now=9.9) is None
+    assert gate.open("b", now=9.9) == 0  # keys are independent
+    assert gate.open("a", now=10.0) == 2  # two held back since the last one
+    assert gate.open("c", now=10.0) == 0  # over max_keys: "b", the least recent, is forgotten
+    assert gate.open("b", now=10.0) == 0
